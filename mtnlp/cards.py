@@ -1,0 +1,290 @@
+"""Task cards: one YAML file describes one task (data, columns, labels, metrics, head options).
+
+A card is read with `yaml.safe_load` and validated by a pydantic schema. Every mistake becomes a
+`UserError` with one line per problem that names the file and the field, e.g.
+`tasks/glue/rte.yaml: labels: expected a list of strings`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PositiveInt,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from mtnlp.errors import UserError
+from mtnlp.heads import HEADS
+
+LOCAL_FORMATS = ("tsv", "csv", "json", "conll", "conllu")
+
+# What a field must look like, used for type errors (pydantic's own words name Python types).
+EXPECTED = {
+    "labels": "a list of strings",
+    "inputs": "a list of one or two column names",
+    "metrics": "a list of metric names",
+    "eval_splits": "a list of split names",
+    "column_names": "a list of column names",
+    "files": "a mapping of split name to file path",
+    "columns": "a mapping of card column to file column",
+    "splits": "a mapping of split name to Hub split name",
+}
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class HubSource(_Strict):
+    """Where the task lives on the Hugging Face Hub: `datasets.load_dataset(path, name)`."""
+
+    path: str = Field(description="Hub dataset id, e.g. 'nyu-mll/glue'")
+    name: str | None = Field(None, description="dataset configuration, e.g. 'rte'")
+    splits: dict[str, str] = Field(
+        default_factory=dict, description="card split name -> Hub split name, when they differ"
+    )
+
+
+class LocalSource(_Strict):
+    """How to read the same task from local files, relative to `--data-dir`."""
+
+    format: Literal["tsv", "csv", "json", "conll", "conllu"] = Field(description="file format")
+    files: dict[str, str] = Field(description="split name -> path relative to --data-dir")
+    header: bool = Field(True, description="tsv/csv: the first line names the columns")
+    column_names: list[str] | None = Field(
+        None, description="names of the file's columns (tsv/csv without header, conll)"
+    )
+    columns: dict[str, str] = Field(
+        default_factory=dict, description="card column -> file column, where they differ"
+    )
+    encoding: str = Field("utf-8-sig", description="text encoding (utf-8-sig also drops a BOM)")
+
+    @model_validator(mode="after")
+    def _needs_column_names(self) -> LocalSource:
+        headerless = self.format in ("conll", "conllu") or not self.header
+        if headerless and self.format != "json" and not self.column_names:
+            raise ValueError(f"column_names: required for format {self.format!r} without a header")
+        return self
+
+
+class DataSource(_Strict):
+    hub: HubSource | None = Field(None, description="the task on the Hub")
+    local: LocalSource | None = Field(None, description="the task in local files")
+
+    @model_validator(mode="after")
+    def _at_least_one(self) -> DataSource:
+        if self.hub is None and self.local is None:
+            raise ValueError("give at least one of 'hub' and 'local'")
+        return self
+
+
+class HeadOptions(_Strict):
+    """Options of the task's head; which ones apply depends on the task type."""
+
+    dropout: float = Field(0.1, ge=0.0, lt=1.0, description="dropout before the output layer")
+    pooling: Literal["cls", "mean"] = Field(
+        "cls", description="sentence tasks: first token or mean over tokens"
+    )
+    hidden_size: PositiveInt | None = Field(
+        None, description="size of an extra tanh layer before the output (none by default)"
+    )
+
+
+class TaskCard(_Strict):
+    """One task: what to read, how to encode it, which head learns it and how it is scored."""
+
+    name: str = Field(pattern=r"^[A-Za-z][A-Za-z0-9_]*$", description="unique task name")
+    type: str = Field(description="task type: " + ", ".join(HEADS.names()))
+    description: str = Field("", description="one line for people and the model card")
+    source: DataSource = Field(description="where the data comes from")
+    inputs: list[str] = Field(min_length=1, max_length=2, description=EXPECTED["inputs"])
+    label_column: str = Field("label", description="column holding the target")
+    labels: list[str] | None = Field(None, description="label names (classification, tagging)")
+    metrics: list[str] = Field(min_length=1, description="metric names, e.g. accuracy, f1")
+    head: HeadOptions = Field(default_factory=HeadOptions, description="head options")
+    layer: int = Field(-1, description="encoder layer the head reads (negative: from the top)")
+    max_length: PositiveInt = Field(128, description="maximum tokens per example")
+    loss_weight: float = Field(1.0, ge=0.0, description="weight of this task's loss")
+    sampling_weight: float = Field(1.0, ge=0.0, description="weight for the 'specified' sampler")
+    train_split: str = Field("train", description="split used for training")
+    eval_splits: list[str] = Field(
+        default_factory=lambda: ["validation"], min_length=1, description="dev splits"
+    )
+
+    _path: Path | None = PrivateAttr(None)
+
+    @field_validator("type")
+    @classmethod
+    def _known_type(cls, value: str) -> str:
+        if value not in HEADS:
+            raise ValueError(HEADS.unknown_message(value))
+        return value
+
+    @field_validator("labels")
+    @classmethod
+    def _unique_labels(cls, value: list[str] | None) -> list[str] | None:
+        if value is not None and len(set(value)) != len(value):
+            raise ValueError("label names must be unique")
+        return value
+
+    @field_validator("metrics")
+    @classmethod
+    def _known_metrics(cls, value: list[str]) -> list[str]:
+        from mtnlp.metrics import check_metric_name
+
+        for name in value:
+            check_metric_name(name)
+        return value
+
+    @model_validator(mode="after")
+    def _labels_match_type(self) -> TaskCard:
+        head = HEADS.get(self.type)
+        if head.needs_labels and not self.labels:
+            raise ValueError(f"labels: required for a {self.type} task (a list of strings)")
+        if not head.needs_labels and self.labels:
+            raise ValueError(f"labels: a {self.type} task has no label names; remove 'labels'")
+        if head.needs_labels and len(self.labels) < 2 and self.type == "classification":
+            raise ValueError("labels: a classification task needs at least two labels")
+        splits = {self.train_split, *self.eval_splits}
+        if self.source.local is not None:
+            missing = sorted(splits - set(self.source.local.files))
+            if missing:
+                raise ValueError(f"source.local.files: no file for split(s) {', '.join(missing)}")
+        return self
+
+    @property
+    def path(self) -> Path | None:
+        """The YAML file this card was read from (None for cards built in code)."""
+        return self._path
+
+    @property
+    def where(self) -> str:
+        """How error messages name this card: its file, or its task name."""
+        return str(self._path) if self._path is not None else f"task {self.name}"
+
+    def model_spec(self) -> dict[str, Any]:
+        """What the model needs to know about the task (stored in the model config as JSON)."""
+        return {
+            "name": self.name,
+            "type": self.type,
+            "labels": self.labels,
+            "layer": self.layer,
+            "head": self.head.model_dump(),
+            "inputs": self.inputs,
+            "metrics": self.metrics,
+        }
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(exclude_defaults=True), sort_keys=False)
+
+
+def _describe(error: dict[str, Any]) -> tuple[str, str]:
+    """(field path, message) for one pydantic error, in words a card author understands."""
+    loc = [str(part) for part in error["loc"]]
+    field = ".".join(loc) if loc else "(card)"
+    kind = error["type"]
+    if kind == "missing":
+        return field, "required field is missing"
+    if kind == "extra_forbidden":
+        return field, "unknown field"
+    top = loc[-1] if loc and loc[-1] in EXPECTED else next((p for p in loc if p in EXPECTED), None)
+    if top is not None and kind.endswith(("_type", "_parsing")):
+        return ".".join(loc[: loc.index(top) + 1]), f"expected {EXPECTED[top]}"
+    message = error["msg"].removeprefix("Value error, ")
+    if ": " in message and message.split(": ", 1)[0] in TaskCard.model_fields | {"column_names"}:
+        sub, message = message.split(": ", 1)
+        field = sub if field == "(card)" else f"{field}.{sub}"
+    return field, message
+
+
+def parse_card(data: Any, where: str) -> TaskCard:
+    """Validate already-parsed YAML; `where` names the source in error messages."""
+    if not isinstance(data, dict):
+        raise UserError(f"{where}: expected a mapping of fields (a YAML card), got {_kind(data)}")
+    try:
+        return TaskCard.model_validate(data)
+    except ValidationError as error:
+        lines = []
+        for problem in error.errors():
+            field, message = _describe(problem)
+            lines.append(f"{where}: {field}: {message}")
+        raise UserError("\n".join(dict.fromkeys(lines))) from None
+
+
+def _kind(data: Any) -> str:
+    return "an empty file" if data is None else f"a {type(data).__name__}"
+
+
+def load_card(path: str | Path) -> TaskCard:
+    """Read and validate one card file."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UserError(f"{path}: card file not found") from None
+    except UnicodeDecodeError as error:
+        raise UserError(f"{path}: not UTF-8 text ({error.reason} at byte {error.start})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        line = f"line {mark.line + 1}: " if mark is not None else ""
+        problem = getattr(error, "problem", None) or str(error)
+        raise UserError(f"{path}: {line}YAML syntax error: {problem}") from None
+    card = parse_card(data, str(path))
+    card._path = path
+    return card
+
+
+def find_card_files(paths: Iterable[str | Path]) -> list[Path]:
+    """Card files named directly, plus every *.yaml / *.yml below the folders named."""
+    files: list[Path] = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            files.extend(sorted(p for p in path.rglob("*") if p.suffix in (".yaml", ".yml")))
+        elif path.exists():
+            files.append(path)
+        else:
+            raise UserError(f"{path}: no such card file or folder")
+    return files
+
+
+def load_cards(paths: Iterable[str | Path], tasks: Iterable[str] | None = None) -> list[TaskCard]:
+    """Load the cards under `paths`; keep only `tasks` (in that order) when given.
+
+    Raises a `UserError` for invalid cards, duplicate task names, or a requested task that no
+    card defines.
+    """
+    by_name: dict[str, TaskCard] = {}
+    errors: list[str] = []
+    for file in find_card_files(paths):
+        try:
+            card = load_card(file)
+        except UserError as error:
+            errors.append(str(error))
+            continue
+        if card.name in by_name:
+            errors.append(f"{file}: name: task {card.name!r} is also defined in {by_name[card.name].path}")
+        else:
+            by_name[card.name] = card
+    if errors:
+        raise UserError("\n".join(errors))
+    if tasks is None:
+        return list(by_name.values())
+    wanted = list(tasks)
+    unknown = [name for name in wanted if name not in by_name]
+    if unknown:
+        raise UserError(
+            f"--tasks: no card for {', '.join(unknown)}; available: {', '.join(sorted(by_name))}"
+        )
+    return [by_name[name] for name in wanted]

@@ -1,0 +1,34 @@
+"""User errors: mistakes in cards, data or flags that get one clear line and exit code 2.
+
+A bug raises any other exception and keeps its traceback; a user mistake raises `UserError`,
+whose message names the file, line or field at fault (see DESIGN: "Errors are for people").
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from collections.abc import Callable
+from typing import TypeVar
+
+USER_ERROR_EXIT_CODE = 2
+
+F = TypeVar("F", bound=Callable[..., object])
+
+
+class UserError(Exception):
+    """A mistake in the user's input (card, data file, flag, path): shown as one line, exit 2."""
+
+
+def exit_on_user_error(main: F) -> F:
+    """Decorate a command-line entry point: a `UserError` prints `error: <message>` and exits 2."""
+
+    @functools.wraps(main)
+    def wrapper(*args, **kwargs):
+        try:
+            return main(*args, **kwargs)
+        except UserError as error:
+            print(f"error: {error}", file=sys.stderr)
+            sys.exit(USER_ERROR_EXIT_CODE)
+
+    return wrapper  # type: ignore[return-value]
