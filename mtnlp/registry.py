@@ -34,7 +34,7 @@ class Registry(Generic[T]):
         return add
 
     def get(self, name: str) -> T:
-        """The component registered as `name`; an unknown name raises a `UserError` listing the known ones."""
+        """The component registered as `name` (unknown: a `UserError` listing the known names)."""
         try:
             return self._entries[name]
         except KeyError:

@@ -1,0 +1,71 @@
+"""Shared fixtures: where the real data lives, tiny tokenizers and tiny multi-task models."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+DATA_DIR = Path(os.environ.get("MTNLP_DATA_DIR", REPO.parent / "shared" / "data"))
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+TINY_TEXT = [
+    "the cat sat on the mat",
+    "a dog runs in the park",
+    "stocks fell sharply in early trading",
+    "the company said profits rose",
+    "unbelievably good film with great actors",
+    "terrible plot and boring dialogue",
+] * 5
+
+
+def task_spec(name: str, type: str, labels: list[str] | None = None, **extra) -> dict:
+    """A task's model metadata, as a card's `model_spec()` would give it."""
+    spec = {
+        "name": name,
+        "type": type,
+        "labels": labels,
+        "layer": -1,
+        "head": {"dropout": 0.0, "pooling": "cls", "hidden_size": None},
+        "inputs": ["sentence"],
+        "metrics": ["accuracy"],
+    }
+    spec.update(extra)
+    return spec
+
+
+TINY_TASKS = [
+    task_spec("cls", "classification", ["neg", "pos"]),
+    task_spec("reg", "regression"),
+    task_spec("tag", "tagging", ["O", "B-X", "I-X"]),
+]
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    if not DATA_DIR.is_dir():
+        pytest.skip(f"real data not found at {DATA_DIR} (set MTNLP_DATA_DIR)")
+    return DATA_DIR
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    from mtnlp.tiny import train_wordpiece
+
+    return train_wordpiece(TINY_TEXT, vocab_size=200)
+
+
+@pytest.fixture
+def tiny_model(tiny_tokenizer):
+    """A fresh tiny model with one head of each core type (seeded, eval mode)."""
+    import torch
+
+    from mtnlp.modeling import MultiTaskModel
+    from mtnlp.tiny import tiny_bert
+
+    torch.manual_seed(0)
+    return MultiTaskModel.from_encoder(tiny_bert(tiny_tokenizer), TINY_TASKS).eval()

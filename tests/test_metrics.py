@@ -1,0 +1,54 @@
+"""Offline metrics against hand-computed values."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from mtnlp.metrics import METRICS, check_metric_name, compute_metrics
+
+
+def test_accuracy_and_f1_by_hand():
+    predictions, references = [1, 0, 1, 1, 0], [1, 0, 0, 1, 1]
+    # tp=2, fp=1, fn=1 -> precision 2/3, recall 2/3, f1 2/3; 3 of 5 correct
+    assert compute_metrics(["accuracy", "f1"], predictions, references) == pytest.approx(
+        {"accuracy": 0.6, "f1": 2 / 3}
+    )
+
+
+def test_matthews_by_hand():
+    predictions, references = [1, 0, 1, 1, 0], [1, 0, 0, 1, 1]
+    tp, tn, fp, fn = 2, 1, 1, 1
+    expected = (tp * tn - fp * fn) / math.sqrt((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn))
+    result = compute_metrics(["matthews_correlation"], predictions, references)
+    assert result["matthews_correlation"] == pytest.approx(expected)  # 1/6
+
+
+def test_pearson_spearman_by_hand():
+    predictions, references = [1.0, 2.0, 3.0, 4.0], [1.0, 3.0, 2.0, 4.0]
+    # centred: x = (-1.5, -.5, .5, 1.5), y = (-1.5, .5, -.5, 1.5): sum xy = 4, sum x^2 = sum y^2 = 5
+    result = compute_metrics(["pearson", "spearmanr"], predictions, references)
+    assert result == pytest.approx({"pearson": 0.8, "spearmanr": 0.8})
+    assert compute_metrics(["pearson"], [1.0, 1.0], [0.0, 1.0]) == {"pearson": 0.0}
+
+
+def test_seqeval_strict_entities_by_hand():
+    references = [["B-PER", "I-PER", "O", "B-LOC"], ["B-ORG", "O"]]
+    predictions = [["B-PER", "I-PER", "O", "B-ORG"], ["I-ORG", "O"]]
+    # gold entities: PER, LOC, ORG; predicted: PER (correct), ORG (wrong type); the lone I-ORG is
+    # not an entity in strict IOB2 -> precision 1/2, recall 1/3, f1 = 2PR/(P+R) = 0.4
+    result = compute_metrics(["seqeval"], predictions, references)
+    assert result["overall_precision"] == pytest.approx(0.5)
+    assert result["overall_recall"] == pytest.approx(1 / 3)
+    assert result["overall_f1"] == pytest.approx(0.4)
+    assert result["overall_accuracy"] == pytest.approx(4 / 6)
+
+
+def test_unknown_metric_lists_known_names():
+    with pytest.raises(ValueError, match="unknown metric 'acc'; known: accuracy, f1, matthews"):
+        check_metric_name("acc")
+    check_metric_name("evaluate-metric/bleu")  # Hub ids go to evaluate.load at evaluation time
+    assert {"accuracy", "f1", "matthews_correlation", "pearson", "spearmanr"} <= set(
+        METRICS.names()
+    )
