@@ -12,6 +12,7 @@ from mtnlp.errors import UserError
 from mtnlp.heads import HEADS
 from mtnlp.metrics import METRICS
 from mtnlp.modeling import MultiTaskConfig, MultiTaskModel, MultiTaskOutput
+from mtnlp.pipeline import MultiTaskPipeline
 
 AutoConfig.register(MultiTaskConfig.model_type, MultiTaskConfig, exist_ok=True)
 AutoModel.register(MultiTaskConfig, MultiTaskModel, exist_ok=True)
@@ -24,6 +25,7 @@ __all__ = [
     "MultiTaskConfig",
     "MultiTaskModel",
     "MultiTaskOutput",
+    "MultiTaskPipeline",
     "TaskCard",
     "UserError",
     "load_card",

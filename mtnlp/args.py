@@ -57,6 +57,13 @@ class TrainArguments:
     )
     batch_size: int = field(default=32, metadata=_help("training batch size per process"))
     eval_batch_size: int = field(default=64, metadata=_help("evaluation batch size per process"))
+    group_by_length: bool = field(
+        default=False,
+        metadata=_help(
+            "training batches of similar lengths (less padding, faster steps): examples are "
+            "shuffled, then sorted by length within mega-batches of 50 batches"
+        ),
+    )
     learning_rate: float = field(default=5e-5, metadata=_help("peak AdamW learning rate"))
     weight_decay: float = field(default=0.01, metadata=_help("AdamW weight decay"))
     warmup_ratio: float = field(
@@ -78,23 +85,189 @@ class TrainArguments:
     )
     log_every: int = field(default=50, metadata=_help("log task shares and losses every N steps"))
     sampler: str = field(
-        default="proportional", metadata=_help("which task each step trains (see README)")
+        default="proportional",
+        metadata=_help(
+            "which task each micro-batch trains: sequential, round_robin, proportional, uniform, "
+            "temperature, annealed, specified (see README)"
+        ),
+    )
+    temperature: float = field(
+        default=2.0, metadata=_help("temperature sampler: p_i ∝ n_i^(1/T) (1: proportional)")
+    )
+    examples_cap: int | None = field(
+        default=None,
+        metadata=_help("cap each task's size at this many examples where sizes set probabilities"),
+    )
+    weighting: str = field(
+        default="static",
+        metadata=_help("loss weighting: static, uncertainty, dwa, pcgrad (see README)"),
+    )
+    weighting_learning_rate: float | None = field(
+        default=None,
+        metadata=_help("learning rate of learned loss weights (default: --learning-rate)"),
+    )
+    dwa_temperature: float = field(
+        default=2.0, metadata=_help("dwa weighting: softmax temperature")
+    )
+    batch_mode: str = field(
+        default="one_task",
+        metadata=_help(
+            "one_task: one task per micro-batch (MT-DNN); all_tasks: a batch of every task per "
+            "micro-batch (LibMTL; pcgrad needs it)",
+            choices=["one_task", "all_tasks"],
+        ),
+    )
+    sharing: str = field(
+        default="hard",
+        metadata=_help(
+            "parameter sharing: hard (one encoder), soft, cross_stitch or sluice (per-task top "
+            "layers; see README)"
+        ),
+    )
+    sharing_layers: int = field(
+        default=2, metadata=_help("soft/cross_stitch/sluice: top encoder layers each task copies")
+    )
+    soft_penalty: str = field(
+        default="l2",
+        metadata=_help("soft: squared L2 distance or trace norm", choices=["l2", "trace"]),
+    )
+    soft_weight: float = field(default=0.01, metadata=_help("soft: weight of the penalty"))
+    sluice_subspaces: int = field(default=2, metadata=_help("sluice: subspaces per layer output"))
+    orthogonality_weight: float = field(
+        default=1e-4, metadata=_help("sluice: weight of the subspace orthogonality penalty")
+    )
+    mixing_lr_scale: float = field(
+        default=100.0,
+        metadata=_help("cross_stitch/sluice: mixing units learn at this x --learning-rate"),
+    )
+    block_sparse: float = field(
+        default=0.0,
+        metadata=_help("weight of the l1/lq block-sparse penalty on the task heads (0: off)"),
+    )
+    block_sparse_q: str = field(
+        default="2", metadata=_help("block-sparse: q of the l1/lq norm", choices=["2", "inf"])
+    )
+    adversarial: float = field(
+        default=0.0,
+        metadata=_help("gradient-reversal weight of an adversarial task discriminator (0: off)"),
+    )
+    affinity_every: int | None = field(
+        default=None,
+        metadata=_help("log task affinity (gradient cosine, lookahead) every N steps"),
+    )
+    keep_best: bool = field(
+        default=False,
+        metadata=_help(
+            "evaluate every epoch (or --eval-every steps) and save the best dev checkpoint "
+            "(mean of each task's first metric) instead of the last"
+        ),
+    )
+    report_to: str = field(
+        default="none",
+        metadata=_help("accelerate trackers for the logs, e.g. tensorboard (comma-separated)"),
+    )
+    finetune_each: bool = field(
+        default=False,
+        metadata=_help(
+            "MT-DNN's second stage: then fine-tune each task alone from the multi-task model "
+            "(into OUTPUT/finetuned/<task>)"
+        ),
+    )
+    finetune_epochs: float = field(default=3.0, metadata=_help("epochs of each fine-tuning run"))
+    finetune_max_steps: int | None = field(
+        default=None, metadata=_help("steps of each fine-tuning run (overrides --finetune-epochs)")
+    )
+    finetune_learning_rate: float | None = field(
+        default=None,
+        metadata=_help("learning rate of the fine-tuning runs (default: --learning-rate)"),
     )
     label_all_subtokens: bool = field(
-        default=False, metadata=_help("tagging: label every sub-token of a word, not only the first")
+        default=False,
+        metadata=_help("tagging: label every sub-token of a word, not only the first"),
     )
+    checkpoint_every: int | None = field(
+        default=None,
+        metadata=_help("write a resumable checkpoint every N steps (OUTPUT/checkpoint-<step>)"),
+    )
+    keep_checkpoints: int | None = field(
+        default=None, metadata=_help("keep only the K newest checkpoints (default: all)")
+    )
+    resume_from_checkpoint: str | None = field(
+        default=None,
+        metadata=_help("continue a run: a checkpoint folder, or 'latest' (newest in --output-dir)"),
+    )
+    max_bad_steps: int = field(
+        default=10,
+        metadata=_help("stop after N consecutive steps whose loss is NaN/inf (each is skipped)"),
+    )
+    push_to_hub: bool = field(
+        default=False,
+        metadata=_help("at the end, push the model, tokenizer, cards and a model card to the Hub"),
+    )
+    hub_model_id: str | None = field(
+        default=None, metadata=_help("Hub repository to push to, e.g. your-name/glue-mt")
+    )
+    hub_private: bool = field(default=False, metadata=_help("create the Hub repository as private"))
 
     def __post_init__(self) -> None:
         positive = ("batch_size", "eval_batch_size", "gradient_accumulation_steps", "log_every")
         for name in positive:
             if getattr(self, name) <= 0:
                 raise UserError(f"--{name.replace('_', '-')}: must be positive")
-        for name in ("max_steps", "max_train_samples", "max_eval_samples", "eval_every"):
+        optional = ("max_steps", "max_train_samples", "max_eval_samples", "eval_every")
+        reliability = ("checkpoint_every", "keep_checkpoints", "max_bad_steps")
+        for name in (*optional, *reliability):
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise UserError(f"--{name.replace('_', '-')}: must be positive")
         if self.learning_rate <= 0:
             raise UserError("--learning-rate: must be positive")
+        self._check_sampling_and_weighting()
+        self._check_sharing_and_regularizers()
+        if self.push_to_hub:  # a bad repository id fails now, not after training
+            from mtnlp.hub import check_repo_id
+
+            check_repo_id(self.hub_model_id)
+
+    def _check_sampling_and_weighting(self) -> None:
+        """Names, options and batch mode of the sampler and weighting, before any data loads."""
+        from mtnlp.samplers import SAMPLERS
+        from mtnlp.weighting import WEIGHTINGS, check_batch_mode
+
+        for name in ("temperature", "dwa_temperature", "finetune_epochs"):
+            if getattr(self, name) <= 0:
+                raise UserError(f"--{name.replace('_', '-')}: must be positive")
+        optional = ("examples_cap", "weighting_learning_rate", "finetune_max_steps")
+        for name in (*optional, "finetune_learning_rate"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise UserError(f"--{name.replace('_', '-')}: must be positive")
+        if self.batch_mode not in ("one_task", "all_tasks"):
+            raise UserError(f"--batch-mode: {self.batch_mode!r}; expected one_task or all_tasks")
+        for flag, registry in (("sampler", SAMPLERS), ("weighting", WEIGHTINGS)):
+            if getattr(self, flag) not in registry:
+                raise UserError(f"--{flag}: {registry.unknown_message(getattr(self, flag))}")
+        check_batch_mode(WEIGHTINGS.get(self.weighting), self.batch_mode)
+
+    def _check_sharing_and_regularizers(self) -> None:
+        """`--sharing` and its options, block-sparse, adversarial and affinity flags."""
+        from mtnlp.sharing import sharing_from_args
+
+        sharing_from_args(self)  # an unknown strategy raises here, before any data loads
+        for name in ("soft_weight", "orthogonality_weight", "block_sparse", "adversarial"):
+            if getattr(self, name) < 0:
+                raise UserError(f"--{name.replace('_', '-')}: must be >= 0")
+        for name in ("sharing_layers", "sluice_subspaces", "mixing_lr_scale", "affinity_every"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise UserError(f"--{name.replace('_', '-')}: must be positive")
+
+    @property
+    def sharing_config(self) -> dict | None:
+        """`--sharing` and its options, as the model config stores them (None: hard sharing)."""
+        from mtnlp.sharing import sharing_from_args
+
+        return sharing_from_args(self)
 
     @property
     def task_list(self) -> list[str] | None:
@@ -112,10 +285,13 @@ class TrainArguments:
 
 
 def parse_args(
-    argv: list[str] | None = None, defaults: dict | None = None, description: str | None = None
+    argv: list[str] | None = None,
+    defaults: dict | None = None,
+    description: str | None = None,
+    prog: str | None = None,
 ) -> TrainArguments:
     """Parse flags; `--config FILE.yaml` gives defaults, and `defaults` are the recipe's own."""
-    parser = HfArgumentParser(TrainArguments, description=description)
+    parser = HfArgumentParser(TrainArguments, description=description, prog=prog)
     parser.add_argument("--config", help="YAML file of arguments (flags given here win)")
     known = {f.name for f in fields(TrainArguments)}
     parser.set_defaults(**(defaults or {}))
@@ -140,5 +316,7 @@ def _read_config(path: str, known: set[str]) -> dict:
     data = {key.replace("-", "_"): value for key, value in data.items()}
     unknown = sorted(set(data) - known)
     if unknown:
-        raise UserError(f"{path}: {unknown[0]}: unknown argument; known: {', '.join(sorted(known))}")
+        raise UserError(
+            f"{path}: {unknown[0]}: unknown argument; known: {', '.join(sorted(known))}"
+        )
     return data

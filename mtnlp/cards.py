@@ -7,9 +7,10 @@ A card is read with `yaml.safe_load` and validated by a pydantic schema. Every m
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import (
@@ -25,6 +26,7 @@ from pydantic import (
 
 from mtnlp.errors import UserError
 from mtnlp.heads import HEADS
+from mtnlp.hierarchy import TASK_LAYERS, check_stacking
 
 LOCAL_FORMATS = ("tsv", "csv", "json", "conll", "conllu")
 
@@ -71,8 +73,9 @@ class LocalSource(_Strict):
 
     @model_validator(mode="after")
     def _needs_column_names(self) -> LocalSource:
-        headerless = self.format in ("conll", "conllu") or not self.header
-        if headerless and self.format != "json" and not self.column_names:
+        headerless = self.format == "conll" or not self.header
+        # CoNLL-U has ten fixed columns (id, form, lemma, upos, ...); JSON names its own fields
+        if headerless and self.format not in ("json", "conllu") and not self.column_names:
             raise ValueError(f"column_names: required for format {self.format!r} without a header")
         return self
 
@@ -100,6 +103,31 @@ class HeadOptions(_Strict):
     )
 
 
+class TaskLayerOptions(_Strict):
+    """A task's own layer before its head (joint many-task model, Hashimoto et al. 2017)."""
+
+    type: str = Field("bilstm", description="task layer type: " + ", ".join(TASK_LAYERS.names()))
+    hidden_size: PositiveInt | None = Field(
+        None, description="output size (bilstm: both directions); default: the encoder's"
+    )
+    num_heads: PositiveInt | None = Field(
+        None, description="transformer: attention heads (default: 64 dimensions per head)"
+    )
+    shortcut: bool = Field(True, description="stacked task: also read the encoder at its layer")
+    label_embeddings: bool = Field(
+        True, description="stacked task: also read the lower task's predicted label embeddings"
+    )
+    label_embedding_size: PositiveInt = Field(100, description="size of a label embedding")
+    dropout: float = Field(0.1, ge=0.0, lt=1.0, description="dropout on the task layer's input")
+
+    @field_validator("type")
+    @classmethod
+    def _known_type(cls, value: str) -> str:
+        if value not in TASK_LAYERS:
+            raise ValueError(TASK_LAYERS.unknown_message(value))
+        return value
+
+
 class TaskCard(_Strict):
     """One task: what to read, how to encode it, which head learns it and how it is scored."""
 
@@ -113,6 +141,15 @@ class TaskCard(_Strict):
     metrics: list[str] = Field(min_length=1, description="metric names, e.g. accuracy, f1")
     head: HeadOptions = Field(default_factory=HeadOptions, description="head options")
     layer: int = Field(-1, description="encoder layer the head reads (negative: from the top)")
+    stack_on: str | None = Field(
+        None, description="task whose task layer and predicted labels this task builds on (JMT)"
+    )
+    task_layer: TaskLayerOptions | None = Field(
+        None, description="the task's own layer before its head (default: a bilstm if stacked)"
+    )
+    successive_regularization: float = Field(
+        0.0, ge=0.0, description="JMT successive regularization delta toward stack_on's update"
+    )
     max_length: PositiveInt = Field(128, description="maximum tokens per example")
     loss_weight: float = Field(1.0, ge=0.0, description="weight of this task's loss")
     sampling_weight: float = Field(1.0, ge=0.0, description="weight for the 'specified' sampler")
@@ -162,6 +199,14 @@ class TaskCard(_Strict):
                 raise ValueError(f"source.local.files: no file for split(s) {', '.join(missing)}")
         return self
 
+    @model_validator(mode="after")
+    def _stacking(self) -> TaskCard:
+        if self.stack_on == self.name:
+            raise ValueError("stack_on: a task cannot stack on itself")
+        if self.successive_regularization > 0 and self.stack_on is None:
+            raise ValueError("successive_regularization: needs stack_on (the task it is pulled to)")
+        return self
+
     @property
     def path(self) -> Path | None:
         """The YAML file this card was read from (None for cards built in code)."""
@@ -172,6 +217,12 @@ class TaskCard(_Strict):
         """How error messages name this card: its file, or its task name."""
         return str(self._path) if self._path is not None else f"task {self.name}"
 
+    def resolved_task_layer(self) -> dict[str, Any] | None:
+        """The task layer's options: a stacked task without `task_layer` gets the defaults."""
+        if self.task_layer is None and self.stack_on is None:
+            return None
+        return (self.task_layer or TaskLayerOptions()).model_dump()
+
     def model_spec(self) -> dict[str, Any]:
         """What the model needs to know about the task (stored in the model config as JSON)."""
         return {
@@ -179,6 +230,8 @@ class TaskCard(_Strict):
             "type": self.type,
             "labels": self.labels,
             "layer": self.layer,
+            "stack_on": self.stack_on,
+            "task_layer": self.resolved_task_layer(),
             "head": self.head.model_dump(),
             "inputs": self.inputs,
             "metrics": self.metrics,
@@ -186,6 +239,18 @@ class TaskCard(_Strict):
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(exclude_defaults=True), sort_keys=False)
+
+
+def _known_fields(loc: list[str]) -> list[str]:
+    """The fields of the (sub-)schema that holds the field at `loc`, e.g. `head` -> HeadOptions."""
+    schema: Any = TaskCard
+    for part in loc[:-1]:
+        annotation = schema.model_fields[part].annotation if part in schema.model_fields else None
+        kinds = (annotation, *get_args(annotation))
+        schema = next((t for t in kinds if isinstance(t, type) and issubclass(t, BaseModel)), None)
+        if schema is None:
+            return []
+    return list(schema.model_fields)
 
 
 def _describe(error: dict[str, Any]) -> tuple[str, str]:
@@ -196,14 +261,16 @@ def _describe(error: dict[str, Any]) -> tuple[str, str]:
     if kind == "missing":
         return field, "required field is missing"
     if kind == "extra_forbidden":
-        return field, "unknown field"
+        return field, f"unknown field; known: {', '.join(_known_fields(loc))}"
     top = loc[-1] if loc and loc[-1] in EXPECTED else next((p for p in loc if p in EXPECTED), None)
     if top is not None and kind.endswith(("_type", "_parsing")):
         return ".".join(loc[: loc.index(top) + 1]), f"expected {EXPECTED[top]}"
     message = error["msg"].removeprefix("Value error, ")
-    if ": " in message and message.split(": ", 1)[0] in TaskCard.model_fields | {"column_names"}:
-        sub, message = message.split(": ", 1)
-        field = sub if field == "(card)" else f"{field}.{sub}"
+    # validators of a whole (sub-)model start their message with the field they are about
+    named = re.match(r"^([a-z_]+(?:\.[a-z_]+)*): (.*)$", message)
+    if named and named[1].split(".")[0] in {*TaskCard.model_fields, *LocalSource.model_fields}:
+        field = named[1] if field == "(card)" else f"{field}.{named[1]}"
+        message = named[2]
     return field, message
 
 
@@ -274,17 +341,30 @@ def load_cards(paths: Iterable[str | Path], tasks: Iterable[str] | None = None) 
             errors.append(str(error))
             continue
         if card.name in by_name:
-            errors.append(f"{file}: name: task {card.name!r} is also defined in {by_name[card.name].path}")
+            errors.append(
+                f"{file}: name: task {card.name!r} is also defined in {by_name[card.name].path}"
+            )
         else:
             by_name[card.name] = card
     if errors:
         raise UserError("\n".join(errors))
     if tasks is None:
-        return list(by_name.values())
+        return check_hierarchy(list(by_name.values()))
     wanted = list(tasks)
     unknown = [name for name in wanted if name not in by_name]
     if unknown:
         raise UserError(
             f"--tasks: no card for {', '.join(unknown)}; available: {', '.join(sorted(by_name))}"
         )
-    return [by_name[name] for name in wanted]
+    return check_hierarchy([by_name[name] for name in wanted])
+
+
+def check_hierarchy(cards: list[TaskCard]) -> list[TaskCard]:
+    """Raise a `UserError` naming file and field where one card `stack_on`s a task that is not
+    among `cards`, stacking forms a cycle, or label embeddings have no labels; else `cards`."""
+    where = {card.name: card.where for card in cards}
+    problems = check_stacking([card.model_spec() for card in cards])
+    if problems:
+        lines = [f"{where[task]}: {field}: {message}" for task, field, message in problems]
+        raise UserError("\n".join(lines))
+    return cards

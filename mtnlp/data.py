@@ -10,11 +10,14 @@ CoNLL-U through its conll builder), renaming file columns to the card's names.
 from __future__ import annotations
 
 import csv
+import functools
 import logging
+import math
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import datasets
 from torch.utils.data import DataLoader
@@ -27,6 +30,9 @@ from transformers import (
 from mtnlp.cards import LocalSource, TaskCard
 from mtnlp.errors import UserError
 from mtnlp.heads import HEADS, IGNORE_INDEX
+
+if TYPE_CHECKING:
+    from mtnlp.modeling import MultiTaskModel
 
 logger = logging.getLogger(__name__)
 
@@ -89,14 +95,27 @@ def _root_cause(error: BaseException) -> BaseException:
     return error
 
 
-def _read_local_file(card: TaskCard, path: Path) -> datasets.Dataset:
+def _holds_no_rows(path: Path, local: LocalSource) -> bool:
+    """True when a file has no data rows: empty, blank, or a header (comments in CoNLL) only."""
+    with open(path, encoding=local.encoding, errors="replace") as file:
+        lines = [line for line in file if line.strip()]
+    if local.format in ("conll", "conllu"):
+        lines = [line for line in lines if not line.startswith(("#", "-DOCSTART-"))]
+    return len(lines) <= (1 if local.format in ("tsv", "csv") and local.header else 0)
+
+
+def _read_local_file(card: TaskCard, path: Path, split: str) -> datasets.Dataset:
     try:
         builder, kwargs = _reader_kwargs(card.source.local, path)
-        dataset = datasets.load_dataset(builder, data_files={"data": str(path)}, split="data", **kwargs)
+        dataset = datasets.load_dataset(
+            builder, data_files={"data": str(path)}, split="data", **kwargs
+        )
     except Exception as error:  # datasets wraps parser errors in several types
         cause = _root_cause(error)
         if isinstance(cause, UnicodeDecodeError):
             reason = f"not valid {card.source.local.encoding} text (byte {cause.start})"
+        elif _holds_no_rows(path, card.source.local):  # the builders fail on an empty file
+            reason = f"the {split} split of task {card.name} has no examples"
         else:
             reason = f"could not read as {card.source.local.format}: {cause}"
         raise UserError(f"{path}: {reason}") from None
@@ -130,7 +149,7 @@ def load_raw(
     for split in splits:
         if use_local:
             path = resolve_file(card, split, data_dirs)
-            dataset = _read_local_file(card, path)
+            dataset = _read_local_file(card, path, split)
             where = str(path)
         else:
             hub = card.source.hub
@@ -167,25 +186,51 @@ def label_to_id(value: Any, labels: list[str]) -> int | None:
     return None
 
 
-def _row_place(where: str, index: int, header: bool) -> str:
-    """`file: line N` for a TSV/CSV row (1-based data row index), `file: example N` otherwise."""
-    if where.endswith((".tsv", ".csv")):
-        return f"{where}: line {index + (2 if header else 1)}"
+def _row_place(where: str, index: int, local: LocalSource | None) -> str:
+    """Where example `index` (0-based) is: `file: line N` in a local TSV/CSV file (its row) or
+    CoNLL file (its sentence's first line), `source: example N` otherwise (Hub, JSON)."""
+    if local is not None and local.format in ("tsv", "csv"):
+        return f"{where}: line {index + (2 if local.header else 1)}"
+    if local is not None and local.format in ("conll", "conllu"):
+        stat = os.stat(where)
+        lines = _sentence_lines(where, stat.st_mtime_ns, local.format == "conllu", local.encoding)
+        return f"{where}: line {lines[index]}"
     return f"{where}: example {index + 1}"
+
+
+@functools.lru_cache(maxsize=8)
+def _sentence_lines(path: str, mtime_ns: int, comments: bool, encoding: str) -> list[int]:
+    """The line (1-based) where each sentence of a CoNLL file starts, split as datasets' conll
+    builder splits it: blank lines end a sentence; -DOCSTART- and `#` comment lines are skipped."""
+    starts, in_sentence = [], False
+    with open(path, encoding=encoding) as file:
+        for number, line in enumerate(file, start=1):
+            if not line.strip():
+                in_sentence = False
+            elif not (line.startswith("-DOCSTART-") or (comments and line.startswith("#"))):
+                if not in_sentence:
+                    starts.append(number)
+                in_sentence = True
+    return starts
 
 
 def encode_label(card: TaskCard, value: Any, place: str) -> Any:
     """The label id(s) or float target of one example; a bad value raises a `UserError`."""
     if card.type == "regression":
         try:
-            return float(value)
+            target = float(value)
         except (TypeError, ValueError):
             raise UserError(f"{place}: {card.label_column}: {value!r} is not a number") from None
+        if not math.isfinite(target):  # a NaN/inf target makes every loss it touches NaN/inf
+            raise UserError(f"{place}: {card.label_column}: {value!r} is not a finite number")
+        return target
     if HEADS.get(card.type).token_level:
         ids = [label_to_id(tag, card.labels) for tag in value]
         if None in ids:
             bad = value[ids.index(None)]
-            raise UserError(f"{place}: {card.label_column}: tag {bad!r} is not in the card's labels")
+            raise UserError(
+                f"{place}: {card.label_column}: tag {bad!r} is not in the card's labels"
+            )
         return ids
     label = label_to_id(value, card.labels)
     if label is None:
@@ -197,7 +242,9 @@ def encode_label(card: TaskCard, value: Any, place: str) -> Any:
 
 
 # ------------------------------------------------------------------------------ tokenizing
-def align_labels(word_ids: Sequence[int | None], word_labels: Sequence[int], all_subtokens: bool) -> list[int]:
+def align_labels(
+    word_ids: Sequence[int | None], word_labels: Sequence[int], all_subtokens: bool
+) -> list[int]:
     """Word-level label ids -> one id per sub-token.
 
     The first sub-token of a word gets its label; later sub-tokens get the label too when
@@ -215,6 +262,56 @@ def align_labels(word_ids: Sequence[int | None], word_labels: Sequence[int], all
     return aligned
 
 
+def word_predictions(
+    word_ids: Sequence[int | None], predicted: Sequence[Any], num_words: int
+) -> list:
+    """Per-token predictions -> one per word, read at each word's first sub-token (the inverse of
+    `align_labels`); a word cut off by truncation gets None."""
+    words: list = [None] * num_words
+    for word, value in zip(word_ids, predicted, strict=True):
+        if word is not None and words[word] is None:
+            words[word] = value
+    return words
+
+
+def predict_tags(
+    model: MultiTaskModel,
+    tokenizer: PreTrainedTokenizerBase,
+    sentences: Sequence[str | Sequence[str]],
+    tasks: Sequence[str] | None = None,
+) -> list[dict[str, list[str | None]]]:
+    """Tag names per word of raw sentences for every tagging task (or `tasks`), one encoder pass.
+
+    A sentence is a string (split on whitespace) or a list of words. Returns, per sentence,
+    task -> one tag per word (None for words beyond the encoder's maximum length).
+    """
+    import torch
+
+    words = [s.split() if isinstance(s, str) else list(s) for s in sentences]
+    if tasks is None:
+        tasks = [t["name"] for t in model.config.tasks if HEADS.get(t["type"]).token_level]
+    encoded = tokenizer(
+        words, is_split_into_words=True, truncation=True, padding=True, return_tensors="pt"
+    )
+    with torch.no_grad():
+        outputs = model.forward_tasks(list(tasks), **encoded.to(model.device))
+    results: list[dict[str, list[str | None]]] = [{} for _ in words]
+    for task in tasks:
+        labels = model.config.task(task)["labels"]
+        predicted = model.heads[task].decode(outputs[task].logits).tolist()  # (batch, tokens)
+        for i, sentence in enumerate(words):
+            ids = word_predictions(encoded.word_ids(i), predicted[i], len(sentence))
+            results[i][task] = [None if tag is None else labels[tag] for tag in ids]
+    return results
+
+
+def _is_text(value: Any, words: bool) -> bool:
+    """A string, or for tagging a list of word strings: what a tokenizer can encode."""
+    if words:
+        return isinstance(value, list) and all(isinstance(word, str) for word in value)
+    return isinstance(value, str)
+
+
 def tokenize_task(
     card: TaskCard,
     tokenizer: PreTrainedTokenizerBase,
@@ -224,16 +321,23 @@ def tokenize_task(
 ) -> datasets.Dataset:
     """Labels encoded and checked, inputs tokenized (truncated to the card's `max_length`)."""
     token_level = HEADS.get(card.type).token_level
-    header = card.source.local.header if card.source.local is not None else True
+    local = card.source.local if Path(where).is_file() else None  # else read from the Hub
 
     def encode(batch: dict[str, list], indices: list[int]) -> dict[str, list]:
         texts = [batch[column] for column in card.inputs]
+        for column, values in zip(card.inputs, texts, strict=True):  # e.g. a JSON null or number
+            for value, index in zip(values, indices, strict=True):
+                if not _is_text(value, token_level):
+                    place = _row_place(where, index, local)
+                    raise UserError(f"{place}: {column}: {value!r} is not text")
         if token_level:
-            for words, tags, index in zip(batch[card.inputs[0]], batch[card.label_column], indices):
+            for words, tags, index in zip(
+                batch[card.inputs[0]], batch[card.label_column], indices, strict=True
+            ):
                 if len(words) != len(tags) or "" in tags:
                     raise UserError(
-                        f"{_row_place(where, index, header)}: {len(words)} tokens but "
-                        f"{sum(1 for tag in tags if tag != '')} {card.label_column} tags"
+                        f"{_row_place(where, index, local)}: {card.label_column}: "
+                        f"{sum(1 for tag in tags if tag != '')} tags for {len(words)} tokens"
                     )
         encoded = tokenizer(
             *texts,
@@ -242,13 +346,17 @@ def tokenize_task(
             is_split_into_words=token_level,
         )
         labels = [
-            encode_label(card, value, _row_place(where, index, header))
-            for value, index in zip(batch[card.label_column], indices)
+            encode_label(card, value, _row_place(where, index, local))
+            for value, index in zip(batch[card.label_column], indices, strict=True)
         ]
         if token_level:
             labels = [
                 align_labels(encoded.word_ids(i), word_labels, label_all_subtokens)
                 for i, word_labels in enumerate(labels)
+            ]
+            encoded["truncated_words"] = [
+                len(words) - len(set(encoded.word_ids(i)) - {None})
+                for i, words in enumerate(batch[card.inputs[0]])
             ]
         encoded["labels"] = labels
         return encoded
@@ -268,8 +376,23 @@ def tokenize_task(
         if isinstance(cause, UserError):
             raise cause from None
         raise
+    if token_level:
+        warn_truncated(card, where, tokenized["truncated_words"])
     keep = [column for column in tokenized.column_names if column in MODEL_COLUMNS]
     return tokenized.select_columns(keep)
+
+
+def warn_truncated(card: TaskCard, where: str, truncated_words: Sequence[int]) -> int:
+    """Log how many sentences lost words to `max_length` (those words get no label and are left
+    out of training and of the dev metrics); return the number of words lost."""
+    lost = [count for count in truncated_words if count > 0]
+    if lost:
+        logger.warning(
+            "%s: %d of %d sentences are longer than max_length=%d tokens; their last %d words get "
+            "no label (raise max_length in %s to keep them)",
+            where, len(lost), len(truncated_words), card.max_length, sum(lost), card.where,
+        )  # fmt: skip
+    return sum(lost)
 
 
 def load_task(
@@ -285,14 +408,19 @@ def load_task(
     """Read, cap and tokenize the train split (when `train`) and every dev split of a card."""
     splits = ([card.train_split] if train else []) + list(card.eval_splits)
     raw = load_raw(card, splits, data_dirs)
-    caps = {card.train_split: max_train_samples, **dict.fromkeys(card.eval_splits, max_eval_samples)}
+    caps = {
+        card.train_split: max_train_samples,
+        **dict.fromkeys(card.eval_splits, max_eval_samples),
+    }
     tokenized = {}
     for split, dataset in raw.items():
         cap = caps[split]
         if cap is not None and cap < len(dataset):
             dataset = dataset.select(range(cap))
         where = _describe_source(card, split, data_dirs)
-        tokenized[split] = tokenize_task(card, tokenizer, dataset, where, label_all_subtokens)
+        # dev splits label first sub-tokens only, so tagging metrics count every word once
+        all_subtokens = label_all_subtokens and split == card.train_split
+        tokenized[split] = tokenize_task(card, tokenizer, dataset, where, all_subtokens)
     return TaskData(
         card=card,
         train=tokenized.get(card.train_split) if train else None,
@@ -322,14 +450,38 @@ def make_dataloader(
     *,
     shuffle: bool,
     seed: int = 0,
+    group_by_length: bool = False,
 ) -> DataLoader:
+    """Batches padded to their longest example; shuffled with a generator seeded by `seed`.
+
+    `group_by_length` (training only, with `shuffle`) draws batches of similar lengths, so little
+    of each batch is padding: transformers' `LengthGroupedSampler` shuffles the examples, cuts
+    them into mega-batches of up to 50 batches and sorts each mega-batch by length. The sampler
+    shares the loader's generator, so a resumed run replays the same order.
+    """
     import torch
 
     generator = torch.Generator().manual_seed(seed) if shuffle else None
+    sampler = None
+    if group_by_length:
+        if not shuffle:
+            raise ValueError("group_by_length needs shuffle=True (it is a training sampler)")
+        from transformers.trainer_pt_utils import LengthGroupedSampler
+
+        sizes = example_lengths(dataset)
+        sampler = LengthGroupedSampler(batch_size, lengths=sizes, generator=generator)
     return DataLoader(
         dataset,
         batch_size=batch_size,
-        shuffle=shuffle,
+        shuffle=shuffle and sampler is None,
+        sampler=sampler,
         generator=generator,
         collate_fn=make_collator(card, tokenizer),
     )
+
+
+def example_lengths(dataset: datasets.Dataset) -> list[int]:
+    """Tokens per example (read from the Arrow column, without decoding the token ids)."""
+    import pyarrow.compute as pc
+
+    return pc.list_value_length(dataset.with_format("arrow")["input_ids"]).to_pylist()

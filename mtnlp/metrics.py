@@ -7,6 +7,7 @@ path. Every metric returns a dict of floats, keyed by evaluate's result names.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -60,21 +61,27 @@ def spearmanr(predictions, references):
 
 
 @METRICS.register("seqeval")
-def seqeval(predictions, references):
-    """Entity-level precision, recall and F1 over tag sequences (strict IOB2; seqeval).
+def seqeval(predictions, references, scheme: str = "IOB2"):
+    """Entity-level precision, recall and F1 over tag sequences (seqeval, strict mode: an entity
+    counts only with the exact tags of `scheme`; IOB2 for `seqeval`, the scheme named in the metric
+    for `seqeval_iob1`, `seqeval_ioe1`, `seqeval_ioe2`, `seqeval_iobes` (BIOES), `seqeval_bilou`).
 
     Inputs are lists of tag-name lists. Returns evaluate's `overall_*` names.
     """
+    from seqeval import scheme as schemes
     from seqeval.metrics import f1_score, precision_score, recall_score
-    from seqeval.scheme import IOB2
 
-    kwargs = {"mode": "strict", "scheme": IOB2, "zero_division": 0}
+    kwargs = {"mode": "strict", "scheme": getattr(schemes, scheme), "zero_division": 0}
     return {
         "overall_precision": float(precision_score(references, predictions, **kwargs)),
         "overall_recall": float(recall_score(references, predictions, **kwargs)),
         "overall_f1": float(f1_score(references, predictions, **kwargs)),
         "overall_accuracy": accuracy(predictions, references)["accuracy"],
     }
+
+
+for _scheme in ("IOB1", "IOE1", "IOE2", "IOBES", "BILOU"):
+    METRICS.register(f"seqeval_{_scheme.lower()}")(functools.partial(seqeval, scheme=_scheme))
 
 
 def _flat(values: Sequence[Any]) -> list[Any]:

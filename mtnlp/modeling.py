@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -19,17 +19,25 @@ from transformers.configuration_utils import SubConfigSpec
 from transformers.modeling_outputs import ModelOutput
 from transformers.models.auto.modeling_auto import MODEL_MAPPING
 
+from mtnlp.errors import UserError
 from mtnlp.heads import HEADS
+from mtnlp.hierarchy import build_task_layers, reads_encoder, truncated_encoder, with_dependencies
+from mtnlp.sharing import build_sharing, resolve_sharing
 
 
 class MultiTaskConfig(PreTrainedConfig):
     """Config of a multi-task model: the encoder's config plus one metadata dict per task."""
 
     model_type = "mtnlp"
-    sub_configs_defaults = {"encoder": SubConfigSpec(config_class=AutoConfig, model_type="bert")}
+    sub_configs_defaults: ClassVar[dict[str, SubConfigSpec]] = {
+        "encoder": SubConfigSpec(config_class=AutoConfig, model_type="bert")
+    }
 
     encoder: PreTrainedConfig | dict | None = None
     tasks: list[dict[str, Any]] | None = None
+    # parameter-sharing strategy and its options, e.g. {"name": "soft", "layers": 2} (sharing.py);
+    # None: hard sharing
+    sharing: dict[str, Any] | None = None
 
     @property
     def task_names(self) -> list[str]:
@@ -48,6 +56,8 @@ class MultiTaskOutput(ModelOutput):
 
     loss: Tensor | None = None
     logits: Tensor | None = None
+    # the run's penalties of this training pass (regularizers.py), set by a forward hook
+    regularization: Tensor | None = None
 
 
 def _build_encoder(config: PreTrainedConfig) -> PreTrainedModel:
@@ -75,29 +85,54 @@ class MultiTaskModel(PreTrainedModel):
     def __init__(self, config: MultiTaskConfig) -> None:
         super().__init__(config)
         self.encoder = _build_encoder(config.encoder)
-        hidden_size = config.encoder.hidden_size
+        self._check_layers()
+        # JMT task layers (Hashimoto et al. 2017) of stacked tasks; heads read their outputs
+        self.task_layers, head_sizes = build_task_layers(
+            config.tasks or [], config.encoder.hidden_size
+        )
+        self.sharing = build_sharing(config.sharing, self.encoder, config.task_names)
         self.heads = nn.ModuleDict(
-            {task["name"]: HEADS.get(task["type"])(task, hidden_size) for task in config.tasks or []}
+            {
+                task["name"]: HEADS.get(task["type"])(task, head_sizes[task["name"]])
+                for task in config.tasks or []
+            }
         )
         self.post_init()
 
     # ---------------------------------------------------------------- construction
     @classmethod
     def from_encoder(
-        cls, encoder: str | PreTrainedModel, tasks: list[dict[str, Any]], **load_kwargs: Any
+        cls,
+        encoder: str | PreTrainedModel,
+        tasks: list[dict[str, Any]],
+        sharing: dict[str, Any] | None = None,
+        **load_kwargs: Any,
     ) -> MultiTaskModel:
         """A new model whose encoder holds pretrained weights and whose heads are fresh.
 
         `encoder` is a Hub id, a local folder, or an already built encoder model; `tasks` are
-        the cards' `model_spec()` dicts. Every encoder weight must load (strict), so a typo in a
-        checkpoint name can never leave the encoder silently random.
+        the cards' `model_spec()` dicts; `sharing` the sharing strategy (sharing.py). Every
+        encoder weight must load (strict), so a typo in a checkpoint name can never leave the
+        encoder silently random.
         """
         if not isinstance(encoder, PreTrainedModel):
             encoder = AutoModel.from_pretrained(encoder, **load_kwargs)
-        model = cls(MultiTaskConfig(encoder=encoder.config.to_dict(), tasks=tasks))
+        config = MultiTaskConfig(
+            encoder=encoder.config.to_dict(), tasks=tasks, sharing=resolve_sharing(sharing)
+        )
+        model = cls(config)
         state = {k: v for k, v in encoder.state_dict().items() if not k.startswith("pooler.")}
         model.encoder.load_state_dict(state, strict=True)
+        model.sharing.load_from_encoder(model.encoder)  # task columns start pretrained
         return model
+
+    def push_to_hub(self, repo_id: str, **kwargs: Any) -> Any:
+        """Push the encoder, every head, the label maps and a model card naming every task (pass
+        `tokenizer=` and the training `run_dir=` to add the tokenizer, cards and dev metrics);
+        see `mtnlp.hub.push_to_hub`. Replaces transformers' push, whose card knows no tasks."""
+        from mtnlp.hub import push_to_hub  # huggingface_hub and cards only: no data or training
+
+        return push_to_hub(self, repo_id, **kwargs)
 
     def _init_weights(self, module: nn.Module) -> None:
         """Heads start like the encoder's own layers: normal(0, initializer_range), zero bias."""
@@ -112,22 +147,55 @@ class MultiTaskModel(PreTrainedModel):
             nn.init.ones_(module.weight)
             nn.init.zeros_(module.bias)
 
+    def regularization_loss(self) -> Tensor | float:
+        """The sharing strategy's penalty for the training loss: soft sharing's parameter
+        distance, sluice's subspace orthogonality of the latest training forward passes (0 for
+        hard sharing and cross-stitch)."""
+        return self.sharing.regularization_loss()
+
     # ---------------------------------------------------------------- forward
-    def _layer_index(self, task: str) -> int:
+    def layer_index(self, task: str) -> int:
         """Index into the encoder's hidden states (0 = embeddings, L = last layer)."""
         layer = self.config.task(task).get("layer", -1)
         num_layers = self.config.encoder.num_hidden_layers
         return layer if layer >= 0 else num_layers + 1 + layer
 
+    def _check_layers(self) -> None:
+        """Every task's `layer` must name one of the encoder's hidden states."""
+        num_layers = self.config.encoder.num_hidden_layers
+        for task in self.config.tasks or []:
+            if not 0 <= self.layer_index(task["name"]) <= num_layers:
+                raise UserError(
+                    f"task {task['name']}: layer: {task.get('layer')} is not a layer of this "
+                    f"encoder (0..{num_layers}, or -{num_layers + 1}..-1 counting from the top)"
+                )
+
+    def task_order(self, tasks: list[str]) -> list[str]:
+        """`tasks` plus the tasks they stack on, each after the tasks below it."""
+        specs = {name: self.config.task(name) for name in self.config.task_names}
+        for task in tasks:
+            self.config.task(task)  # an unknown task: KeyError naming the model's tasks
+        return with_dependencies(specs, tasks)
+
     def encode(self, tasks: list[str], **inputs: Tensor) -> dict[str, Tensor]:
-        """Run the encoder once; return, per task, the hidden states its head reads."""
-        layers = {task: self._layer_index(task) for task in tasks}
-        last = self.config.encoder.num_hidden_layers
-        need_all = any(index != last for index in layers.values())
-        outputs = self.encoder(**inputs, output_hidden_states=need_all, return_dict=True)
-        if not need_all:
-            return dict.fromkeys(tasks, outputs.last_hidden_state)
-        return {task: outputs.hidden_states[index] for task, index in layers.items()}
+        """Run the encoder once, only as deep as the deepest layer that `tasks` and the tasks they
+        stack on read (low supervision: layers above it get no work and no gradient); return, per
+        task that reads the encoder, the hidden states of its layer."""
+        layers = {
+            task: self.layer_index(task)
+            for task in self.task_order(tasks)
+            if reads_encoder(self.config.task(task))
+        }
+        if self.sharing.columns:  # per-task top layers (soft, cross_stitch, sluice)
+            return self.sharing.encode(self.encoder, layers, inputs)
+        depth = max(layers.values())
+        need_all = any(index != depth for index in layers.values())
+        with truncated_encoder(self.encoder, depth):
+            outputs = self.encoder(**inputs, output_hidden_states=need_all, return_dict=True)
+        return {
+            task: outputs.last_hidden_state if index == depth else outputs.hidden_states[index]
+            for task, index in layers.items()
+        }
 
     def forward(
         self,
@@ -140,7 +208,9 @@ class MultiTaskModel(PreTrainedModel):
     ) -> MultiTaskOutput:
         """Logits (and loss when `labels` is given) of one task."""
         if task is None:
-            raise ValueError(f"pass task=...; this model's tasks: {', '.join(self.config.task_names)}")
+            raise ValueError(
+                f"pass task=...; this model's tasks: {', '.join(self.config.task_names)}"
+            )
         return self.forward_tasks(
             [task], input_ids, attention_mask, token_type_ids, {task: labels}, **kwargs
         )[task]
@@ -162,8 +232,28 @@ class MultiTaskModel(PreTrainedModel):
             attention_mask = torch.ones_like(input_ids)
         hidden = self.encode(tasks, **inputs)
         labels = labels or {}
-        results = {}
-        for task in tasks:
-            logits, loss = self.heads[task](hidden[task], attention_mask, labels.get(task))
-            results[task] = MultiTaskOutput(loss=loss, logits=logits)
-        return results
+        states: dict[str, Tensor] = {}
+        logits: dict[str, Tensor] = {}
+        losses: dict[str, Tensor | None] = {}
+        for task in self.task_order(tasks):  # a stacked task after the tasks below it
+            states[task] = self._task_states(task, hidden, states, logits, attention_mask)
+            logits[task], losses[task] = self.heads[task](
+                states[task], attention_mask, labels.get(task) if task in tasks else None
+            )
+        return {task: MultiTaskOutput(loss=losses[task], logits=logits[task]) for task in tasks}
+
+    def _task_states(
+        self,
+        task: str,
+        hidden: dict[str, Tensor],
+        states: dict[str, Tensor],
+        logits: dict[str, Tensor],
+        attention_mask: Tensor,
+    ) -> Tensor:
+        """What the task's head reads: encoder states, or its task layer's output (JMT)."""
+        if task not in self.task_layers:
+            return hidden[task]
+        lower = self.config.task(task).get("stack_on")
+        return self.task_layers[task](
+            hidden.get(task), attention_mask, states.get(lower), logits.get(lower)
+        )

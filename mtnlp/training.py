@@ -15,52 +15,170 @@ import math
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
-from accelerate import Accelerator
-from accelerate.utils import DistributedDataParallelKwargs, GradientAccumulationPlugin, set_seed
+from accelerate import Accelerator, skip_first_batches
+from accelerate.utils import (
+    DistributedDataParallelKwargs,
+    GradientAccumulationPlugin,
+    ProjectConfiguration,
+    broadcast_object_list,
+    set_seed,
+)
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import AutoModel, AutoTokenizer, PreTrainedTokenizerBase, get_scheduler
 
+from mtnlp.affinity import measure_affinity, probe_batches, write_heatmap
 from mtnlp.args import TrainArguments
 from mtnlp.cards import TaskCard, load_cards
+from mtnlp.checkpointing import (
+    TrainState,
+    check_finite,
+    check_tasks,
+    list_checkpoints,
+    load_checkpoint,
+    remove_checkpoints,
+    resolve_checkpoint,
+    save_checkpoint,
+)
 from mtnlp.data import TaskData, load_raw, load_task, make_dataloader
 from mtnlp.errors import UserError
 from mtnlp.heads import HEADS, IGNORE_INDEX
+from mtnlp.hierarchy import SuccessiveRegularizer
+from mtnlp.hub import push_to_hub
 from mtnlp.metrics import compute_metrics
 from mtnlp.modeling import MultiTaskModel
-from mtnlp.samplers import build_sampler
+from mtnlp.regularizers import RunRegularizers
+from mtnlp.report import write_report
+from mtnlp.selection import BestCheckpoint
+from mtnlp.task_mixing import (
+    EpochLosses,
+    average_gradients,
+    backward,
+    build_task_sampler,
+    check_distributed,
+    ddp_sync_off,
+    epoch_length,
+    tracker_config,
+    tracker_values,
+    trackers,
+    window_record,
+)
 from mtnlp.weighting import build_weighting
 
 logger = logging.getLogger(__name__)
 
 EVAL_RESULTS = "eval_results.json"
 TRAIN_LOG = "train_log.jsonl"
+FUSED_ADAMW_DEVICES = ("cpu", "cuda")
 
 
 # ------------------------------------------------------------------------------ set-up
-def load_encoder(
-    name: str, cards: Sequence[TaskCard], data_dirs: Sequence[Path] | None
-) -> tuple[PreTrainedTokenizerBase, torch.nn.Module]:
-    """Tokenizer and pretrained encoder for `--model` ('tiny': trained here on the task text)."""
-    if name == "tiny":
-        from mtnlp.tiny import tiny_bert, train_wordpiece
+def tiny_tokenizer(
+    cards: Sequence[TaskCard],
+    data_dirs: Sequence[Path] | None,
+    accelerator: Accelerator,
+    resume: Path | None = None,
+) -> PreTrainedTokenizerBase:
+    """`--model tiny`'s tokenizer: a WordPiece vocabulary learned from the task text by the main
+    process and sent to the others, or, resuming, the checkpoint's. (The trainer breaks ties in
+    hash order, so two trainings on the same text can give different vocabularies.)"""
+    if resume is not None:
+        try:
+            return AutoTokenizer.from_pretrained(resume)
+        except (OSError, ValueError):
+            raise UserError(
+                f"--resume-from-checkpoint: {resume}: holds no tokenizer (--model tiny needs it)"
+            ) from None
+    from mtnlp.tiny import train_wordpiece
 
-        tokenizer = train_wordpiece(_training_text(cards, data_dirs))
+    main = accelerator.is_main_process
+    shared = [train_wordpiece(_training_text(cards, data_dirs)) if main else None]
+    return broadcast_object_list(shared)[0]
+
+
+def load_encoder(
+    name: str,
+    cards: Sequence[TaskCard],
+    data_dirs: Sequence[Path] | None,
+    tokenizer: PreTrainedTokenizerBase | None = None,
+) -> tuple[PreTrainedTokenizerBase, torch.nn.Module]:
+    """Tokenizer and pretrained encoder for `--model` ('tiny': a tiny BERT for `tokenizer`, see
+    `tiny_tokenizer`)."""
+    if name == "tiny":
+        from mtnlp.tiny import tiny_bert
+
         return tokenizer, tiny_bert(tokenizer)
+    folder = Path(name).expanduser()
+    if name.startswith(("/", ".", "~")) and not folder.is_dir():  # a path, not a Hub id
+        raise UserError(f"--model: {name}: no such model folder")
+    if folder.is_dir() and not any(folder.glob("*.safetensors")):
+        raise UserError(f"--model: {name}: no *.safetensors weights (mtnlp never unpickles models)")
     try:
         tokenizer = AutoTokenizer.from_pretrained(name)
-        encoder = AutoModel.from_pretrained(name)
+        encoder = AutoModel.from_pretrained(name, use_safetensors=True)  # never unpickles
     except OSError as error:
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        first_line = (
+            str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        )
         raise UserError(
-            f"--model: {name}: not a local model folder and not loadable from the Hub ({first_line})"
+            f"--model: {name}: not a local model folder and not loadable from the Hub "
+            f"({first_line})"
         ) from None
+    check_tokenizer(name, tokenizer, encoder, cards)
     return tokenizer, encoder
+
+
+def check_tokenizer(
+    name: str,
+    tokenizer: PreTrainedTokenizerBase,
+    encoder: torch.nn.Module,
+    cards: Sequence[TaskCard],
+) -> None:
+    """The tokenizer must pad batches, and encode sentence pairs in token types the encoder has."""
+    if tokenizer.pad_token is None:
+        raise UserError(f"--model: {name}: its tokenizer has no padding token, so it cannot batch")
+    pairs = [card.name for card in cards if len(card.inputs) == 2]
+    type_vocab_size = getattr(encoder.config, "type_vocab_size", None)
+    if pairs and type_vocab_size is not None:
+        second = max(tokenizer("a", "b").get("token_type_ids") or [0])
+        if second >= type_vocab_size:
+            raise UserError(
+                f"--model: {name}: cannot encode the sentence pairs of task {pairs[0]}: its "
+                f"tokenizer marks the second sentence as token type {second}, but the encoder "
+                f"has {type_vocab_size} token type(s)"
+            )
+
+
+def initial_model(
+    pretrained: torch.nn.Module, specs: list[dict[str, Any]], sharing: dict | None = None
+) -> MultiTaskModel:
+    """The model to train: new heads on a pretrained encoder, or, when `--model` is a trained
+    mtnlp model (MT-DNN's fine-tuning stage), its encoder and the weights of the tasks it knows
+    (other tasks' weights are dropped, new tasks start fresh); `sharing`: see sharing.py."""
+    if not isinstance(pretrained, MultiTaskModel):
+        return MultiTaskModel.from_encoder(pretrained, specs, sharing)
+    model = MultiTaskModel.from_encoder(pretrained.encoder, specs, sharing)
+    for spec in specs:
+        if spec["name"] in pretrained.config.task_names:
+            old = pretrained.config.task(spec["name"])
+            if (old["type"], old.get("labels")) != (spec["type"], spec.get("labels")):
+                raise UserError(
+                    f"--model: task {spec['name']} was trained with another type or labels than "
+                    "its card has"
+                )
+    target = model.state_dict()
+    kept = {key: value for key, value in pretrained.state_dict().items() if key in target}
+    try:
+        model.load_state_dict(kept, strict=False)
+    except RuntimeError as error:  # same task, other head options: shapes differ
+        reason = " ".join(str(error).split())
+        raise UserError(f"--model: its task weights do not fit the cards ({reason})") from None
+    return model
 
 
 def _training_text(cards: Sequence[TaskCard], data_dirs: Sequence[Path] | None) -> Iterator[str]:
@@ -71,29 +189,50 @@ def _training_text(cards: Sequence[TaskCard], data_dirs: Sequence[Path] | None) 
                 yield " ".join(value) if isinstance(value, list) else value
 
 
-def check_output_dir(path: Path, overwrite: bool) -> None:
-    """Refuse to write into a folder that holds something, unless told to overwrite."""
+def check_output_dir(path: Path, overwrite: bool, resume: Path | None = None) -> None:
+    """Refuse to write into a folder that holds something, unless told to overwrite or resuming
+    a checkpoint of that very folder."""
+    if path.exists() and not path.is_dir():
+        raise UserError(f"--output-dir: {path} is a file, not a folder")
+    if resume is not None and resume.resolve().parent == path.resolve():
+        return
     if path.exists() and any(path.iterdir()) and not overwrite:
+        resumable = list_checkpoints(path)
+        hint = ", or --resume-from-checkpoint latest to continue it" if resumable else ""
         raise UserError(
             f"--output-dir: {path} is not empty (it holds another run); "
-            "pass --overwrite-output-dir to replace it"
+            f"pass --overwrite-output-dir to replace it{hint}"
         )
 
 
-def make_optimizer(model: torch.nn.Module, extra: torch.nn.Module, args: TrainArguments):
-    """AdamW without weight decay on biases and LayerNorm weights (BERT's recipe)."""
+def make_optimizer(
+    model: torch.nn.Module,
+    extra: torch.nn.Module,
+    args: TrainArguments,
+    device: torch.device | None = None,
+):
+    """AdamW without weight decay on biases and LayerNorm weights (BERT's recipe); fused when
+    `device` (where training runs) has torch's fused kernel."""
     decay, no_decay = [], []
-    for name, parameter in model.named_parameters():
-        if parameter.requires_grad:
+    mixing = model.sharing.mixing_parameters()  # cross-stitch / sluice units (sharing.py)
+    for parameter in model.parameters():
+        if parameter.requires_grad and not any(parameter is p for p in mixing):
             (no_decay if parameter.ndim < 2 else decay).append(parameter)
     groups = [
         {"params": decay, "weight_decay": args.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
     learned = [p for p in extra.parameters() if p.requires_grad]
-    if learned:
-        groups.append({"params": learned, "weight_decay": 0.0})
-    return torch.optim.AdamW(groups, lr=args.learning_rate)
+    if learned:  # learned loss weights: no decay, their own learning rate
+        lr = args.weighting_learning_rate or args.learning_rate
+        groups.append({"params": learned, "weight_decay": 0.0, "lr": lr})
+    if mixing:  # they learn faster than the network (Misra et al. 2016)
+        lr = args.learning_rate * model.sharing.options["lr_scale"]
+        groups.append({"params": mixing, "weight_decay": 0.0, "lr": lr})
+    # one fused kernel per step on CPU and CUDA: on CPU, torch's default per-tensor loop makes
+    # AdamW's step ~6x slower (MiniLM: ~10% of a training step; bench/RESULTS.md)
+    fused = True if device is not None and device.type in FUSED_ADAMW_DEVICES else None
+    return torch.optim.AdamW(groups, lr=args.learning_rate, fused=fused)
 
 
 # ------------------------------------------------------------------------------ evaluation
@@ -137,55 +276,112 @@ def predict_split(
             labels = accelerator.pad_across_processes(labels, dim=1, pad_index=IGNORE_INDEX)
         decoded, labels = accelerator.gather_for_metrics((decoded, labels))
         if token_level:
-            for row_pred, row_gold in zip(decoded.tolist(), labels.tolist()):
-                kept = [(p, g) for p, g in zip(row_pred, row_gold) if g != IGNORE_INDEX]
+            for row_pred, row_gold in zip(decoded.tolist(), labels.tolist(), strict=True):
+                kept = [
+                    (p, g) for p, g in zip(row_pred, row_gold, strict=True) if g != IGNORE_INDEX
+                ]
                 predictions.append([card.labels[p] for p, _ in kept])
                 references.append([card.labels[g] for _, g in kept])
         else:
-            predictions.extend(decoded.float().tolist() if card.type == "regression" else decoded.tolist())
+            predictions.extend(
+                decoded.float().tolist() if card.type == "regression" else decoded.tolist()
+            )
             references.extend(labels.tolist())
     return predictions, references
 
 
 # ------------------------------------------------------------------------------ training
 class TaskStreams:
-    """An endless stream of batches per task: a task's loader restarts (reshuffled) at its end."""
+    """An endless stream of batches per task: a task's loader restarts (reshuffled) at its end.
+
+    The position (per task: epoch, batches taken from it, and its shuffling generator's state at
+    the epoch start) is a `state_dict`: a resumed run replays the epoch's order and skips the
+    batches already trained on (`skip_first_batches`, which loads none of them).
+    """
 
     def __init__(self, loaders: dict[str, DataLoader]) -> None:
         self.loaders = loaders
         self.epochs = dict.fromkeys(loaders, 0)
-        self.iterators = {task: iter(loader) for task, loader in loaders.items()}
+        self.taken = dict.fromkeys(loaders, 0)
+        self.epoch_rng: dict[str, torch.Tensor | None] = {}
+        self.iterators = {task: self._start(task, loader) for task, loader in loaders.items()}
+
+    def _start(self, task: str, loader: DataLoader) -> Iterator:
+        generator = getattr(self.loaders[task], "generator", None)
+        self.epoch_rng[task] = None if generator is None else generator.get_state()
+        return iter(loader)
 
     def next(self, task: str) -> dict[str, torch.Tensor]:
         try:
-            return next(self.iterators[task])
+            batch = next(self.iterators[task])
         except StopIteration:
             self.epochs[task] += 1
+            self.taken[task] = 0
             loader = self.loaders[task]
             if hasattr(loader, "set_epoch"):
                 loader.set_epoch(self.epochs[task])
-            self.iterators[task] = iter(loader)
-            return next(self.iterators[task])
+            self.iterators[task] = self._start(task, loader)
+            batch = next(self.iterators[task])
+        self.taken[task] += 1
+        return batch
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "epochs": dict(self.epochs),
+            "taken": dict(self.taken),
+            "epoch_rng": dict(self.epoch_rng),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for task, loader in self.loaders.items():
+            self.epochs[task], self.taken[task] = state["epochs"][task], state["taken"][task]
+            self.epoch_rng[task] = state["epoch_rng"][task]
+            if self.epoch_rng[task] is not None:
+                loader.generator.set_state(self.epoch_rng[task])
+            if hasattr(loader, "set_epoch"):
+                loader.set_epoch(self.epochs[task])
+            skipped = skip_first_batches(loader, self.taken[task]) if self.taken[task] else loader
+            self.iterators[task] = iter(skipped)
 
 
-def train(args: TrainArguments, cards: Sequence[TaskCard]) -> dict[str, dict[str, float]]:
-    """Train one shared encoder on `cards`; return the final dev metrics per task."""
+def train(
+    args: TrainArguments,
+    cards: Sequence[TaskCard],
+    on_step: Callable[[int, list[str]], None] | None = None,
+) -> dict[str, dict[str, float]]:
+    """Train one shared encoder on `cards`; return the final dev metrics per task.
+
+    `on_step(step, tasks)`, if given, runs after each optimizer step with the tasks of its
+    micro-batches (benchmarks time the loop between calls: bench/overhead.py).
+    """
     if not cards:
         raise UserError("no tasks to train: give task cards with --cards / --tasks")
     output_dir = Path(args.output_dir)
-    check_output_dir(output_dir, args.overwrite_output_dir)
+    specs = [card.model_spec() for card in cards]
+    resume = resolve_checkpoint(args.resume_from_checkpoint, output_dir)
+    if resume is not None:
+        check_tasks(resume, specs)
+    check_output_dir(output_dir, args.overwrite_output_dir, resume)
     accelerator = Accelerator(
         gradient_accumulation_plugin=GradientAccumulationPlugin(
             num_steps=args.gradient_accumulation_steps, sync_with_dataloader=False
         ),
         # heads of tasks absent from a step get no gradient: DDP must not wait for them
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+        log_with=trackers(args.report_to),
+        project_config=ProjectConfiguration(str(output_dir), logging_dir=str(output_dir / "logs")),
     )
+    if accelerator.log_with:
+        accelerator.init_trackers("mtnlp", config=tracker_config(args))
     set_seed(args.seed)
     by_name = {card.name: card for card in cards}
 
+    # --model tiny: the same vocabulary on every process (the checkpoint's when resuming)
+    tiny = None
+    if args.model == "tiny":
+        tiny = tiny_tokenizer(cards, args.data_dirs, accelerator, resume)
     with accelerator.main_process_first():
-        tokenizer, encoder = load_encoder(args.model, cards, args.data_dirs)
+        tokenizer, encoder = load_encoder(args.model, cards, args.data_dirs, tiny)
         data: dict[str, TaskData] = {
             card.name: load_task(
                 card,
@@ -197,37 +393,57 @@ def train(args: TrainArguments, cards: Sequence[TaskCard]) -> dict[str, dict[str
             )
             for card in cards
         }
-    model = MultiTaskModel.from_encoder(encoder, [card.model_spec() for card in cards])
+    model = initial_model(encoder, specs, args.sharing_config)
     del encoder
     weighting = build_weighting(
-        "static",
+        args.weighting,
         list(by_name),
         task_types={card.name: card.type for card in cards},
         static_weights={card.name: card.loss_weight for card in cards},
+        dwa_temperature=args.dwa_temperature,
+        seed=args.seed,
     )
+    check_distributed(args, weighting, accelerator)
 
     train_loaders = {
-        name: make_dataloader(by_name[name], task.train, tokenizer, args.batch_size, shuffle=True, seed=args.seed)
+        name: make_dataloader(
+            by_name[name],
+            task.train,
+            tokenizer,
+            args.batch_size,
+            shuffle=True,
+            seed=args.seed,
+            group_by_length=args.group_by_length,
+        )
         for name, task in data.items()
     }
     eval_loaders = {
         name: {
-            split: make_dataloader(by_name[name], dataset, tokenizer, args.eval_batch_size, shuffle=False)
+            split: make_dataloader(
+                by_name[name], dataset, tokenizer, args.eval_batch_size, shuffle=False
+            )
             for split, dataset in task.evals.items()
         }
         for name, task in data.items()
     }
-    sampler = build_sampler(
-        args.sampler,
-        {name: len(loader) for name, loader in train_loaders.items()},
-        seed=args.seed,
-        sampling_weights={card.name: card.sampling_weight for card in cards},
-        num_epochs=max(1, math.ceil(args.epochs)),
-    )
-    steps_per_epoch = math.ceil(sampler.epoch_length / args.gradient_accumulation_steps)
+    # batches per process, as accelerate shards them (even_batches: every process gets as many)
+    task_sizes = {
+        name: math.ceil(len(loader) / accelerator.num_processes)
+        for name, loader in train_loaders.items()
+    }
+    micro_per_epoch = epoch_length(args.batch_mode, task_sizes)
+    steps_per_epoch = math.ceil(micro_per_epoch / args.gradient_accumulation_steps)
     total_steps = args.max_steps or max(1, math.ceil(args.epochs * steps_per_epoch))
+    num_epochs = math.ceil(total_steps * args.gradient_accumulation_steps / micro_per_epoch)
+    # all_tasks mode trains every task in each micro-batch and never asks the sampler
+    sampler = build_task_sampler(args, task_sizes, cards, num_epochs, accelerator.num_processes)
 
-    optimizer = make_optimizer(model, weighting, args)
+    optimizer = make_optimizer(model, weighting, args, accelerator.device)
+    # block-sparse heads and the adversarial task discriminator (regularizers.py)
+    extra_losses = RunRegularizers(model, args.block_sparse, args.block_sparse_q, args.adversarial)
+    extra_losses.to(accelerator.device)
+    if any(True for _ in extra_losses.parameters()):
+        optimizer.add_param_group({"params": list(extra_losses.parameters())})
     scheduler = get_scheduler(
         "linear",
         optimizer,
@@ -236,64 +452,142 @@ def train(args: TrainArguments, cards: Sequence[TaskCard]) -> dict[str, dict[str
     )
     weighting.to(accelerator.device)
     model, optimizer = accelerator.prepare(model, optimizer)
+    # JMT successive regularization (Hashimoto et al. 2017); a no-op when every delta is 0
+    regularizer = SuccessiveRegularizer(
+        accelerator.unwrap_model(model),
+        {card.name: card.successive_regularization for card in cards},
+    )
     names = list(train_loaders)
     prepared = accelerator.prepare(*train_loaders.values())
     prepared = prepared if isinstance(prepared, (list, tuple)) else [prepared]
-    streams = TaskStreams(dict(zip(names, prepared)))
-    for task, loaders in eval_loaders.items():
+    streams = TaskStreams(dict(zip(names, prepared, strict=True)))
+    for loaders in eval_loaders.values():
         for split in loaders:
             loaders[split] = accelerator.prepare(loaders[split])
-    accelerator.register_for_checkpointing(scheduler)
+    # everything a resumed run needs beyond the model and optimizer (accelerate saves those)
+    state = TrainState(names, streams, accelerator.device)
+    accelerator.register_for_checkpointing(scheduler, sampler, weighting, state)
+    epoch_losses = EpochLosses(names, accelerator.device)
+    accelerator.register_for_checkpointing(epoch_losses)
+    if any(True for _ in extra_losses.parameters()):
+        accelerator.register_for_checkpointing(extra_losses)
+    if resume is not None:
+        load_checkpoint(accelerator, resume)
+    elif args.overwrite_output_dir and accelerator.is_main_process:
+        remove_checkpoints(output_dir)
 
-    history: list[dict[str, Any]] = []
-    loss_sums = {task: torch.zeros((), device=accelerator.device) for task in names}
-    task_steps = dict.fromkeys(names, 0)
-    window_steps = dict.fromkeys(names, 0)
-    progress = tqdm(total=total_steps, desc="training", disable=not accelerator.is_main_process)
-    started = time.perf_counter()
-    examples = 0
+    progress = tqdm(
+        total=total_steps,
+        initial=state.step,
+        desc="training",
+        disable=not accelerator.is_main_process,
+    )
+    started, start_examples = time.perf_counter(), state.examples
+    all_tasks = args.batch_mode == "all_tasks"
+    # gradients DDP does not average: the loss weights' and, in all_tasks mode (several forward
+    # passes per backward, run under no_sync), the model's
+    unsynced = [*weighting.parameters(), *(model.parameters() if all_tasks else [])]
+    unsynced += list(extra_losses.parameters())  # the adversarial discriminator's
+    probes = (  # task affinity diagnostics (affinity.py)
+        probe_batches(cards, data, tokenizer, args.batch_size, accelerator.device)
+        if args.affinity_every and len(cards) > 1
+        else None
+    )
+    shared = list(accelerator.unwrap_model(model).encoder.parameters())  # for pcgrad
+    eval_every = args.eval_every or (steps_per_epoch if args.keep_best else None)
+    best = BestCheckpoint() if args.keep_best else None
     model.train()
-    for step in range(1, total_steps + 1):
-        for _ in range(args.gradient_accumulation_steps):
-            task = sampler.next_task()
-            batch = streams.next(task)
-            examples += batch["input_ids"].shape[0] * accelerator.num_processes
-            with accelerator.accumulate(model):
-                output = model(task=task, **batch)
-                loss = weighting.combine({task: output.loss})
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and args.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-                optimizer.step()
+    for step in range(state.step + 1, total_steps + 1):
+        step_losses: list[tuple[str, torch.Tensor]] = []
+        for micro in range(args.gradient_accumulation_steps):
+            tasks = names if all_tasks else [sampler.next_task()]
+            with accelerator.accumulate(model), ddp_sync_off(accelerator, model, all_tasks):
+                losses = {}
+                for task in tasks:
+                    batch = streams.next(task)
+                    state.examples += batch["input_ids"].shape[0] * accelerator.num_processes
+                    losses[task] = model(task=task, **batch).loss
+                penalty = sum(regularizer.penalty(task) for task in tasks)
+                # the sharing strategy's penalty; block-sparse heads; adversarial discriminator
+                penalty = penalty + extra_losses.loss(tasks)
+                backward(losses, weighting, accelerator, shared, penalty)
+                step_losses.extend((task, loss.detach()) for task, loss in losses.items())
+                # a NaN/inf loss on any process: every process skips the update
+                sync = accelerator.sync_gradients
+                bad_tasks = nonfinite_tasks(step_losses, accelerator) if sync else []
+                if sync and not bad_tasks:
+                    average_gradients(unsynced, accelerator)
+                    if args.max_grad_norm > 0:
+                        accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                    optimizer.step()
+                    for task in tasks:
+                        regularizer.update(task)
                 optimizer.zero_grad()
-            loss_sums[task] += output.loss.detach().float()
-            task_steps[task] += 1
-            window_steps[task] += 1
-        if not accelerator.optimizer_step_was_skipped:
+            for task, loss in losses.items():
+                state.loss_sums[task] += loss.detach().float()
+                state.task_steps[task] += 1
+                state.window_steps[task] += 1
+            epoch_losses.add(losses)
+            if ((step - 1) * args.gradient_accumulation_steps + micro + 1) % micro_per_epoch == 0:
+                mean_losses = epoch_losses.end_epoch(accelerator)
+                weighting.end_epoch(mean_losses)
+                state.history.append({"step": step, "train_loss": mean_losses})
+        state.step = step
+        state.bad_steps = state.bad_steps + 1 if bad_tasks else 0
+        if bad_tasks:
+            _skip_bad_step(step, bad_tasks, state.bad_steps, args.max_bad_steps, accelerator)
+        elif not accelerator.optimizer_step_was_skipped:
             scheduler.step()
         progress.update(1)
         if step % args.log_every == 0 or step == total_steps:
-            record = _log_window(step, loss_sums, window_steps, accelerator)
-            history.append(record)
-            progress.set_postfix({task: f"{value:.3f}" for task, value in record["loss"].items()})
+            record = window_record(
+                step, state.loss_sums, state.window_steps, weighting, accelerator
+            )
+            state.history.append(record)
+            accelerator.log(tracker_values(record), step=step)
+            progress.set_postfix(
+                {
+                    task: f"{loss:.3f} s{record['share'][task]:.2f} w{record['weight'][task]:.2f}"
+                    for task, loss in record["loss"].items()
+                }
+            )
             for task in names:
-                loss_sums[task].zero_()
-            window_steps = dict.fromkeys(names, 0)
-        if args.eval_every and step % args.eval_every == 0 and step != total_steps:
+                state.loss_sums[task].zero_()
+            state.window_steps = dict.fromkeys(names, 0)
+        if eval_every and step % eval_every == 0 and step != total_steps:
             metrics = evaluate(model, eval_loaders, by_name, accelerator)
-            history.append({"step": step, "eval": metrics})
+            state.history.append({"step": step, "eval": metrics})
+            accelerator.log(tracker_values({"eval": metrics}), step=step)
             accelerator.print(f"step {step}: {json.dumps(metrics)}")
+            if best is not None:
+                best.update(step, metrics, accelerator.unwrap_model(model))
+        if probes and step % args.affinity_every == 0:
+            affinity = measure_affinity(accelerator.unwrap_model(model), probes, args.learning_rate)
+            state.history.append({"step": step, "affinity": affinity})
+        if args.checkpoint_every and step % args.checkpoint_every == 0:
+            check_finite(step, accelerator.unwrap_model(model), weighting)
+            save_checkpoint(accelerator, output_dir, step, specs, args.keep_checkpoints, tokenizer)
+        if on_step is not None:
+            on_step(step, [task for task, _ in step_losses])
     progress.close()
     train_seconds = time.perf_counter() - started
+    session_examples = state.examples - start_examples  # since the start or the resume
 
     results = evaluate(model, eval_loaders, by_name, accelerator)
-    history.append({"step": total_steps, "eval": results})
+    history = [*state.history, {"step": total_steps, "eval": results}]
+    accelerator.log(tracker_values({"eval": results}), step=total_steps)
+    if best is not None and not best.update(total_steps, results, accelerator.unwrap_model(model)):
+        results = best.restore(accelerator.unwrap_model(model))  # the best dev checkpoint
+    check_finite(total_steps, accelerator.unwrap_model(model), weighting)
     summary = {
         "steps": total_steps,
+        "resumed_from": str(resume) if resume is not None else None,
         "train_seconds": round(train_seconds, 2),
-        "train_examples": examples,
-        "examples_per_second": round(examples / max(train_seconds, 1e-9), 2),
-        "task_steps": task_steps,
+        "train_examples": state.examples,
+        "examples_per_second": round(session_examples / max(train_seconds, 1e-9), 2),
+        "task_steps": state.task_steps,
+        "loss_weights": weighting.weights(),
+        "best_step": best.step if best is not None else None,
         "mixed_precision": accelerator.mixed_precision,
         "num_processes": accelerator.num_processes,
     }
@@ -309,22 +603,39 @@ def train(args: TrainArguments, cards: Sequence[TaskCard]) -> dict[str, dict[str
             {"args": vars(args), **summary},
         )
         logger.info("saved to %s", output_dir)
+        if args.push_to_hub:
+            push_to_hub(output_dir, args.hub_model_id, private=args.hub_private or None)
     accelerator.print(json.dumps({"eval": results, **summary}, indent=2))
     accelerator.end_training()
     return results
 
 
-def _log_window(step, loss_sums, window_steps, accelerator) -> dict[str, Any]:
-    """Mean loss per task over the last logging window, and the share of steps each task got."""
-    total = sum(window_steps.values()) or 1
-    losses = {
-        task: (loss_sums[task] / count).item() for task, count in window_steps.items() if count
-    }
-    return {
-        "step": step,
-        "loss": losses,
-        "share": {task: count / total for task, count in window_steps.items()},
-    }
+def nonfinite_tasks(losses: list[tuple[str, torch.Tensor]], accelerator: Accelerator) -> list[str]:
+    """The tasks whose loss was NaN/inf in this step on any process (the same list on every
+    process, so every process skips the same updates and DDP stays in step)."""
+    finite = torch.stack([torch.isfinite(loss.float()) for _, loss in losses]).float()
+    if accelerator.num_processes > 1:
+        # (processes, micro-batches) -> (micro-batches,): finite only if finite everywhere
+        finite = accelerator.gather(finite[None]).amin(0)
+    return sorted({task for (task, _), ok in zip(losses, finite.tolist(), strict=True) if not ok})
+
+
+def _skip_bad_step(
+    step: int, tasks: list[str], in_a_row: int, limit: int, accelerator: Accelerator
+) -> None:
+    """Warn about a skipped update; stop once `limit` steps in a row had a non-finite loss."""
+    names = ", ".join(tasks)
+    if in_a_row >= limit:
+        raise UserError(
+            f"step {step}: the loss of task {names} was NaN/inf in {in_a_row} steps in a row "
+            f"(--max-bad-steps {limit}); training stopped. Lower --learning-rate, check the "
+            "data, or resume from an earlier checkpoint"
+        )
+    if accelerator.is_main_process:
+        logger.warning(
+            "step %d: the loss of task %s is NaN/inf; this update is skipped (%d in a row, "
+            "stopping at --max-bad-steps %d)", step, names, in_a_row, limit,
+        )  # fmt: skip
 
 
 def save_run(
@@ -347,10 +658,14 @@ def save_run(
         for card in cards:
             (staging / "cards" / f"{card.name}.yaml").write_text(card.to_yaml(), encoding="utf-8")
         (staging / EVAL_RESULTS).write_text(json.dumps(results, indent=2) + "\n")
-        (staging / "train_summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+        (staging / "train_summary.json").write_text(
+            json.dumps(summary, indent=2, default=str) + "\n"
+        )
         with open(staging / TRAIN_LOG, "w") as log:
             for record in history:
                 log.write(json.dumps(record) + "\n")
+        write_heatmap(staging, history)  # task affinity, when --affinity-every logged it
+        write_report(staging, history, results, summary)
         for item in staging.iterdir():
             target = output_dir / item.name
             if target.is_dir():
@@ -359,6 +674,12 @@ def save_run(
 
 
 def run(args: TrainArguments, default_cards: Sequence[str | Path]) -> dict[str, dict[str, float]]:
-    """Load the cards named by the arguments (or the defaults) and train."""
+    """Load the cards named by the arguments (or the defaults) and train; with
+    `--finetune-each`, then fine-tune each task alone from the result (MT-DNN's two stages)."""
     cards = load_cards(args.cards or default_cards, args.task_list)
-    return train(args, cards)
+    results = train(args, cards)
+    if args.finetune_each:
+        from mtnlp.finetune import finetune_each  # it calls train(): imported here, not above
+
+        finetune_each(args, cards, results)
+    return results

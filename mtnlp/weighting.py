@@ -171,8 +171,10 @@ def project_conflicting(grads: list[Tensor], order: Sequence[int]) -> list[Tenso
     projected = []
     for i, grad in enumerate(grads):
         for j in order:
+            if j == i:
+                continue
             dot = torch.dot(grad, grads[j])
-            if j != i and dot < 0:
+            if dot < 0:
                 grad = grad - dot / torch.dot(grads[j], grads[j]) * grads[j]
         projected.append(grad)
     return projected
@@ -208,22 +210,29 @@ class PCGrad(LossWeighting):
         losses: dict[str, Tensor],
         shared_parameters: list[nn.Parameter],
         backward_fn: Callable[[Tensor], Any] = Tensor.backward,
+        reduce_fn: Callable[[Tensor], Tensor] | None = None,
     ) -> Tensor:
         """Accumulate PCGrad gradients into `.grad` through `backward_fn`; returns the summed loss.
 
         `backward_fn` (e.g. `accelerator.backward`) runs once, on a surrogate loss whose gradient
         is the plain sum on every parameter plus (projected sum − plain sum) on the shared ones,
         so its loss scaling, gradient accumulation and gradient sync apply to the whole gradient.
+        Under several processes, `reduce_fn` averages each task's gradient over them first, so
+        every rank projects the same (global) gradients and, once the ranks' gradients are
+        averaged, the shared parameters get exactly the projected sum of the global gradients.
         """
         shared = [parameter for parameter in shared_parameters if parameter.requires_grad]
         total = self.combine(losses)
         grads = [self._flat_grad(loss, shared) for loss in losses.values()]
+        if reduce_fn is not None:
+            grads = [reduce_fn(grad) for grad in grads]
         order = torch.randperm(len(grads), generator=self.generator).tolist()
         projected = torch.stack(project_conflicting(grads, order)).sum(0)
         corrections = (projected - torch.stack(grads).sum(0)).split([p.numel() for p in shared])
         with torch.autocast(total.device.type, enabled=False):
             surrogate = total + sum(
-                (p * c.view_as(p).to(p.dtype)).sum() for p, c in zip(shared, corrections, strict=True)
+                (p * c.view_as(p).to(p.dtype)).sum()
+                for p, c in zip(shared, corrections, strict=True)
             )
         backward_fn(surrogate)
         return total.detach()

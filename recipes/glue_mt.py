@@ -3,6 +3,9 @@
     accelerate launch recipes/glue_mt.py --model bert-base-uncased --tasks rte,mrpc,stsb
     accelerate launch --cpu recipes/glue_mt.py --model tiny --data-dir ../shared/data/glue \
         --tasks rte,mrpc --max-steps 50 --output-dir outputs/smoke
+    # MT-DNN's two stages; temperature sampling, learned (uncertainty) loss weights
+    accelerate launch recipes/glue_mt.py --model bert-base-uncased --tasks rte,mrpc,stsb,cola \
+        --sampler temperature --weighting uncertainty --finetune-each --finetune-epochs 3
 
 Without `--data-dir` the cards read GLUE from the Hub; with it, the classic GLUE folder layout
 (`RTE/train.tsv`, ...). See `--help` for every flag.

@@ -1,0 +1,275 @@
+"""The `mtnlp` command: train, evaluate, predict, check task cards, push to the Hub.
+
+    mtnlp train --model tiny --data-dir ../shared/data/glue --tasks rte,mrpc --max-steps 50
+    mtnlp evaluate outputs/glue4 --data-dir ../shared/data/glue --max-eval-samples 500
+    echo '{"text": "A gripping film."}' | mtnlp predict outputs/glue4 --tasks sst2,cola
+    mtnlp cards check tasks/
+    mtnlp push outputs/glue4 --hub-model-id your-name/glue4
+
+`mtnlp train` takes the recipes' flags (`mtnlp train --help`); on several GPUs run it as
+`accelerate launch -m mtnlp.cli train ...`. Every user mistake is one `error:` line and exit 2.
+Each command imports what it needs when it runs (only train and evaluate load datasets and
+accelerate).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, TextIO
+
+from mtnlp.errors import USER_ERROR_EXIT_CODE, UserError, exit_on_user_error
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+    from mtnlp.modeling import MultiTaskModel
+
+DEFAULT_CARDS = Path("tasks/glue")  # relative to the working folder, as in a checkout
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
+    return value
+
+
+def _task_list(text: str | None) -> list[str] | None:
+    return [name.strip() for name in text.split(",") if name.strip()] if text else None
+
+
+# ------------------------------------------------------------------------------ commands
+def train_command(argv: Sequence[str]) -> None:
+    """`mtnlp train`: the recipe's training run, cards defaulting to ./tasks/glue."""
+    from mtnlp.args import parse_args
+    from mtnlp.training import run
+
+    args = parse_args(
+        list(argv),
+        prog="mtnlp train",
+        description="Multi-task fine-tuning of one shared encoder on task cards "
+        f"(default cards: {DEFAULT_CARDS}/ in the working folder).",
+    )
+    defaults = [DEFAULT_CARDS] if DEFAULT_CARDS.is_dir() else []
+    if not args.cards and not defaults:
+        raise UserError(
+            f"--cards: give task-card files or folders (there is no {DEFAULT_CARDS} here)"
+        )
+    run(args, default_cards=defaults)
+
+
+def load_model(name: str) -> tuple[MultiTaskModel, PreTrainedTokenizerBase]:
+    """Model and tokenizer of a trained model folder or Hub id."""
+    from transformers import AutoTokenizer
+
+    from mtnlp.hub import read_config
+    from mtnlp.modeling import MultiTaskModel
+
+    path = Path(name)
+    if path.is_dir():
+        read_config(path)  # a folder of another kind of model: a clear error
+    elif path.is_absolute() or name.startswith("."):
+        raise UserError(f"{name}: no such model folder")
+    try:
+        return MultiTaskModel.from_pretrained(name), AutoTokenizer.from_pretrained(name)
+    except OSError as error:
+        first_line = (str(error).strip() or type(error).__name__).splitlines()[0]
+        raise UserError(f"{name}: not an mtnlp model folder or Hub id ({first_line})") from None
+
+
+def model_cards(name: str) -> Path:
+    """The `cards/` folder that training saved with the model (fetched for a Hub id)."""
+    folder = Path(name)
+    if not folder.is_dir():
+        from huggingface_hub import snapshot_download
+
+        folder = Path(snapshot_download(name, allow_patterns=["cards/*"]))
+    if not (folder / "cards").is_dir():
+        raise UserError(f"{name}: no cards/ folder with the model; give the cards with --cards")
+    return folder / "cards"
+
+
+def evaluate_command(args: argparse.Namespace) -> None:
+    """`mtnlp evaluate`: dev metrics per task as JSON on stdout."""
+    from accelerate import Accelerator
+
+    from mtnlp.cards import load_cards
+    from mtnlp.data import load_task, make_dataloader
+    from mtnlp.training import evaluate
+
+    model, tokenizer = load_model(args.model)
+    cards = load_cards(args.cards or [model_cards(args.model)], _task_list(args.tasks))
+    for card in cards:
+        if card.name not in model.config.task_names:
+            raise UserError(f"{card.where}: task {card.name} is not a task of {args.model}")
+        if card.labels != model.config.task(card.name).get("labels"):
+            raise UserError(f"{card.where}: labels: differ from the labels {args.model} learned")
+    accelerator = Accelerator()
+    data_dirs = [Path(folder) for folder in args.data_dir] if args.data_dir else None
+    loaders = {}
+    for card in cards:
+        task = load_task(
+            card, tokenizer, data_dirs, train=False, max_eval_samples=args.max_eval_samples
+        )
+        loaders[card.name] = {
+            split: accelerator.prepare(
+                make_dataloader(card, dataset, tokenizer, args.batch_size, shuffle=False)
+            )
+            for split, dataset in task.evals.items()
+        }
+    model = accelerator.prepare(model)
+    results = evaluate(model, loaders, {card.name: card for card in cards}, accelerator)
+    if accelerator.is_main_process:
+        print(json.dumps(results, indent=2))
+
+
+def read_inputs(file: TextIO, where: str, chunk: int) -> Iterator[tuple[int, list[dict]]]:
+    """(first line number, parsed lines) in chunks; every line must be a JSON object."""
+    lines: list[dict] = []
+    first = 1
+    for number, line in enumerate(file, start=1):
+        try:
+            value = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise UserError(f"{where}: line {number}: not JSON ({error.msg})") from None
+        if not isinstance(value, dict):
+            raise UserError(f'{where}: line {number}: expected {{"text": ...}}, got {line.strip()}')
+        lines.append(value)
+        if len(lines) == chunk:
+            yield first, lines
+            first, lines = number + 1, []
+    if lines:
+        yield first, lines
+
+
+def predict_command(args: argparse.Namespace) -> None:
+    """`mtnlp predict`: one JSON line out (task -> prediction) per JSON line in."""
+    from mtnlp.pipeline import MultiTaskPipeline
+
+    model, tokenizer = load_model(args.model)
+    pipeline = MultiTaskPipeline(
+        model, tokenizer, device=args.device, dtype=args.dtype, batch_size=args.batch_size
+    )
+    tasks = _task_list(args.tasks)
+    where = "stdin" if args.input == "-" else args.input
+    try:
+        file = sys.stdin if args.input == "-" else open(args.input, encoding="utf-8")  # noqa: SIM115
+    except OSError as error:
+        raise UserError(f"--input: {args.input}: {error.strerror}") from None
+    with file:
+        for first, lines in read_inputs(file, where, args.batch_size):
+            try:
+                results = pipeline(lines, tasks, number_from=first)
+            except UserError as error:  # inputs are numbered by line
+                raise UserError(f"{where}: {error}") from None
+            for result in results:
+                print(json.dumps(result, ensure_ascii=False))
+            sys.stdout.flush()
+
+
+def cards_check_command(args: argparse.Namespace) -> None:
+    """`mtnlp cards check`: exit 0, or exit 2 with one line per problem naming its file."""
+    from mtnlp.cards import load_cards
+
+    try:
+        cards = load_cards(args.paths)
+        if not cards:
+            raise UserError(f"{', '.join(args.paths)}: no task cards (*.yaml) found")
+    except UserError as error:
+        for line in str(error).splitlines():
+            print(line, file=sys.stderr)
+        sys.exit(USER_ERROR_EXIT_CODE)
+    print(f"{len(cards)} card(s) OK: {', '.join(card.name for card in cards)}")
+
+
+def push_command(args: argparse.Namespace) -> None:
+    """`mtnlp push`: a trained model folder and its model card to the Hub."""
+    from mtnlp.hub import push_to_hub
+
+    if not Path(args.model).is_dir():
+        raise UserError(f"{args.model}: no such model folder")
+    commit = push_to_hub(
+        args.model,
+        args.hub_model_id,
+        private=args.private or None,
+        commit_message=args.commit_message,
+    )
+    print(commit.commit_url)
+
+
+# ------------------------------------------------------------------------------ parser
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mtnlp", description="Multi-task fine-tuning of transformer encoders (MT-DNN style)."
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    commands.add_parser(
+        "train", add_help=False, help="train a multi-task model (flags: mtnlp train --help)"
+    )
+
+    evaluate = commands.add_parser(
+        "evaluate",
+        help="dev metrics of a trained model, as JSON",
+        description=evaluate_command.__doc__,
+    )
+    evaluate.add_argument("model", help="trained model folder (or Hub id)")
+    evaluate.add_argument(
+        "--data-dir", nargs="+", help="read the cards' local files here (else the Hub)"
+    )
+    evaluate.add_argument("--tasks", help="comma-separated tasks to evaluate (default: all)")
+    evaluate.add_argument("--cards", nargs="+", help="task cards (default: the model's cards/)")
+    evaluate.add_argument(
+        "--max-eval-samples", type=_positive, help="at most N dev examples per task"
+    )
+    evaluate.add_argument("--batch-size", type=_positive, default=64, help="evaluation batch size")
+    evaluate.set_defaults(run=evaluate_command)
+
+    predict = commands.add_parser(
+        "predict",
+        help="predictions on JSON lines",
+        description='Predictions for JSON lines {"text": ...} or {"text": ..., "text_pair": ...}; '
+        "one JSON line out per line in, keyed by task. Input N in errors is line N.",
+    )
+    predict.add_argument("model", help="trained model folder (or Hub id)")
+    predict.add_argument("--tasks", help="comma-separated tasks (default: every task that fits)")
+    predict.add_argument("--input", default="-", help="JSON-lines file, or - for stdin")
+    predict.add_argument("--batch-size", type=_positive, default=32, help="inputs per batch")
+    predict.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cpu)")
+    predict.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="model precision")
+    predict.set_defaults(run=predict_command)
+
+    cards = commands.add_parser("cards", help="task-card tools")
+    card_commands = cards.add_subparsers(dest="cards_command", required=True, metavar="COMMAND")
+    check = card_commands.add_parser(
+        "check", help="validate task cards", description=cards_check_command.__doc__
+    )
+    check.add_argument("paths", nargs="+", help="card files or folders of cards")
+    check.set_defaults(run=cards_check_command)
+
+    push = commands.add_parser(
+        "push", help="push a model folder to the Hub", description=push_command.__doc__
+    )
+    push.add_argument("model", help="trained model folder (a training --output-dir)")
+    push.add_argument("--hub-model-id", required=True, help="repository, e.g. your-name/glue-mt")
+    push.add_argument("--private", action="store_true", help="create the repository as private")
+    push.add_argument("--commit-message", default="Upload mtnlp multi-task model")
+    push.set_defaults(run=push_command)
+    return parser
+
+
+@exit_on_user_error
+def main(argv: Sequence[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["train"]:  # the training flags have their own parser
+        train_command(argv[1:])
+        return
+    args = build_parser().parse_args(argv)
+    args.run(args)
+
+
+if __name__ == "__main__":
+    main()

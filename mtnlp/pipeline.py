@@ -1,0 +1,295 @@
+"""`MultiTaskPipeline`: predictions of several tasks on raw text, one encoder pass per batch.
+
+MT-DNN (Liu et al. 2019) shares one encoder between every task: the encoder is the cost and the
+heads are cheap. So the pipeline groups the requested tasks by the input they read (a single
+text or a text pair) and runs the encoder once per batch for the whole group. Tagging tasks read
+whitespace-split words (as in training); they share the pass of the sentence tasks whenever both
+tokenizations give the same token ids, which is always the case for WordPiece tokenizers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from mtnlp.errors import UserError
+from mtnlp.heads import HEADS
+from mtnlp.modeling import MultiTaskModel
+
+Input = str | tuple[str, str] | dict[str, str]
+
+DTYPES = {
+    "fp32": torch.float32,
+    "float32": torch.float32,
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+}
+IOB_PREFIXES = ("B-", "I-", "E-", "S-", "L-", "U-")  # entity tag prefixes (IOB, IOBES, BILOU)
+
+
+@dataclass(frozen=True)
+class Example:
+    """One input: a text, optionally with its pair."""
+
+    text: str
+    text_pair: str | None = None
+
+
+def as_example(value: Any, where: str) -> Example:
+    """A text, a `(text, text_pair)` tuple or a `{"text": ..., "text_pair": ...}` mapping."""
+    if isinstance(value, str):
+        return Example(value)
+    if isinstance(value, tuple) and len(value) == 2 and all(isinstance(v, str) for v in value):
+        return Example(*value)
+    if isinstance(value, dict):
+        unknown = sorted(set(value) - {"text", "text_pair"})
+        text, pair = value.get("text"), value.get("text_pair")
+        if not unknown and isinstance(text, str) and (pair is None or isinstance(pair, str)):
+            return Example(text, pair)
+    raise UserError(
+        f"{where}: expected a text, a (text, text_pair) tuple or "
+        f'{{"text": ..., "text_pair": ...}} with strings, got {value!r}'
+    )
+
+
+def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise UserError(f"dtype: {dtype!r}; expected one of {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def resolve_device(device: str | torch.device | None, model: MultiTaskModel) -> torch.device:
+    """`device` (default: where the model is); a CUDA device on a machine without one is a
+    `UserError`."""
+    if device is None:
+        return model.device
+    try:
+        device = torch.device(device)
+    except RuntimeError:
+        raise UserError(f"device: {device!r}; expected e.g. cpu, cuda or cuda:1") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"device: {device}: no CUDA device on this machine")
+    return device
+
+
+def is_iob(labels: Sequence[str]) -> bool:
+    """Whether tags name entities (B-PER, I-PER, O, ...) rather than, e.g., parts of speech."""
+    return any(label != "O" for label in labels) and all(
+        label == "O" or label[:2] in IOB_PREFIXES for label in labels
+    )
+
+
+def entity_scheme(task: dict[str, Any]) -> type | None:
+    """The seqeval scheme that the task's entity metric uses (`seqeval`: IOB2, `seqeval_iobes`:
+    IOBES, ...), so that the entities shown are the ones the dev metric counts; IOB2 for IOB-like
+    tags without such a metric; None for tags that name no entities."""
+    from seqeval import scheme as schemes  # the light part of seqeval (no scikit-learn)
+
+    metrics = [m for m in task.get("metrics") or [] if m.split("_")[0] == "seqeval"]
+    if not metrics and not is_iob(task["labels"]):
+        return None
+    name = metrics[0].removeprefix("seqeval").lstrip("_").upper() if metrics else ""
+    return getattr(schemes, name or "IOB2")
+
+
+def group_entities(
+    words: list[str], tags: list[str | None], scores: list[float | None], scheme: type
+) -> list[dict]:
+    """Entity spans (seqeval's strict mode): type, text, word start and end (exclusive) and the
+    mean score of its words. Words without a tag (cut off by truncation) count as O."""
+    from seqeval.scheme import Tokens
+
+    entities = []
+    for entity in Tokens([tag or "O" for tag in tags], scheme=scheme).entities:
+        span = scores[entity.start : entity.end]
+        entities.append(
+            {
+                "type": entity.tag,
+                "text": " ".join(words[entity.start : entity.end]),
+                "start": entity.start,
+                "end": entity.end,
+                "score": sum(span) / len(span),
+            }
+        )
+    return entities
+
+
+class MultiTaskPipeline:
+    """Raw texts (or text pairs) in, every requested task's prediction out.
+
+    `pipeline(inputs, tasks=None)` returns, per input, task -> result: classification
+    `{"label", "score"}`, regression `{"value"}`, tagging `{"words", "tags", "scores"}` (one tag
+    per whitespace-split word, read at its first sub-token; None for words cut off by
+    `max_length`) plus `"entities"` when the tags name entities. One input gives one dict, a list
+    gives a list. `tasks=None` runs every task that reads the input's kind (a text or a pair);
+    a named task that does not fit an input raises a `UserError`.
+    """
+
+    def __init__(
+        self,
+        model: MultiTaskModel,
+        tokenizer: PreTrainedTokenizerBase,
+        device: str | torch.device | None = None,
+        dtype: str | torch.dtype | None = None,
+        batch_size: int = 32,
+        max_length: int | None = None,
+    ) -> None:
+        if batch_size <= 0:
+            raise UserError("batch_size: must be positive")
+        self.device = resolve_device(device, model)
+        self.model = model.to(device=self.device, dtype=resolve_dtype(dtype)).eval()
+        self.tokenizer = tokenizer
+        self.batch_size = batch_size
+        positions = getattr(model.config.encoder, "max_position_embeddings", 512)
+        self.max_length = max_length or min(tokenizer.model_max_length, positions)
+
+    @property
+    def tasks(self) -> list[str]:
+        return self.model.config.task_names
+
+    def __call__(
+        self,
+        inputs: Input | Sequence[Input],
+        tasks: Sequence[str] | None = None,
+        *,
+        number_from: int = 1,
+    ) -> dict[str, dict] | list[dict[str, dict]]:
+        """Predictions of `tasks` (default: all that fit) for one input or a list of inputs;
+        error messages number the inputs from `number_from` (the CLI passes line numbers)."""
+        single = isinstance(inputs, (str, tuple, dict))
+        examples = [
+            as_example(value, f"input {number}")
+            for number, value in enumerate([inputs] if single else inputs, start=number_from)
+        ]
+        requested = self._check_tasks(tasks)
+        results: list[dict[str, dict]] = [{} for _ in examples]
+        for pair in (False, True):  # tasks that read the same kind of input share the encoder
+            indices = [i for i, e in enumerate(examples) if (e.text_pair is not None) == pair]
+            if not indices:
+                continue
+            group = self._tasks_for(
+                requested, pair, explicit=tasks is not None, number=number_from + indices[0]
+            )
+            for start in range(0, len(indices), self.batch_size):
+                chunk = indices[start : start + self.batch_size]
+                for index, result in zip(
+                    chunk, self.predict_batch([examples[i] for i in chunk], group), strict=True
+                ):
+                    results[index] = result
+        return results[0] if single else results
+
+    def _check_tasks(self, tasks: Sequence[str] | None) -> list[str]:
+        names = self.tasks if tasks is None else list(tasks)
+        unknown = [name for name in names if name not in self.tasks]
+        if unknown:
+            raise UserError(
+                f"tasks: no task {', '.join(unknown)} in this model; tasks: {', '.join(self.tasks)}"
+            )
+        for name in names:
+            spec = self.model.config.task(name)
+            if HEADS.get(spec["type"]).token_level and len(spec["inputs"]) > 1:
+                raise UserError(f"task {name}: the pipeline tags single texts, not text pairs")
+        return names
+
+    def _tasks_for(
+        self, requested: list[str], pair: bool, explicit: bool, number: int
+    ) -> list[str]:
+        """The requested tasks that read a pair (or a single text); a named misfit is an error."""
+        fits = [
+            name for name in requested if (len(self.model.config.task(name)["inputs"]) == 2) == pair
+        ]
+        misfits = [name for name in requested if name not in fits]
+        if explicit and misfits:
+            reads = "a single text" if pair else "a text pair (text and text_pair)"
+            has = "has a text_pair" if pair else "has no text_pair"
+            raise UserError(f"input {number} {has}, but task {misfits[0]} reads {reads}")
+        if not fits:
+            kind = "text pairs" if pair else "single texts"
+            tasks = ", ".join(self.tasks)
+            raise UserError(f"input {number}: no task of this model reads {kind}; tasks: {tasks}")
+        return fits
+
+    # ------------------------------------------------------------------------ one batch
+    def _tokenize(self, texts: list, pairs: list[str] | None = None, words: bool = False):
+        return self.tokenizer(
+            texts,
+            pairs,
+            truncation=True,
+            max_length=self.max_length,
+            padding=True,
+            is_split_into_words=words,
+            return_tensors="pt",
+        )
+
+    @torch.inference_mode()
+    def predict_batch(self, examples: list[Example], tasks: list[str]) -> list[dict[str, dict]]:
+        """Results of `tasks` on examples of one kind; one encoder pass unless the tokenizations
+        of sentence tasks and tagging tasks differ."""
+        tagging = [t for t in tasks if HEADS.get(self.model.config.task(t)["type"]).token_level]
+        sentence = [t for t in tasks if t not in tagging]
+        words = [example.text.split() for example in examples]
+        passes = []
+        if sentence:
+            pairs = [e.text_pair for e in examples] if examples[0].text_pair is not None else None
+            passes.append((self._tokenize([e.text for e in examples], pairs), sentence))
+        if tagging:
+            by_words = self._tokenize(words, words=True)
+            if passes and torch.equal(passes[0][0]["input_ids"], by_words["input_ids"]):
+                passes = [(by_words, tasks)]  # same tokens: one pass serves both
+            else:
+                passes.append((by_words, tagging))
+        results: list[dict[str, dict]] = [{} for _ in examples]
+        for encoding, group in passes:
+            outputs = self.model.forward_tasks(group, **encoding.to(self.device))
+            for task in group:
+                decoded = self._decode(task, outputs[task].logits, encoding, words)
+                for result, value in zip(results, decoded, strict=True):
+                    result[task] = value
+        return [{task: result[task] for task in tasks} for result in results]
+
+    def _decode(
+        self, task: str, logits: torch.Tensor, encoding, words: list[list[str]]
+    ) -> list[dict]:
+        spec = self.model.config.task(task)
+        head = HEADS.get(spec["type"])
+        predicted = self.model.heads[task].decode(logits)  # class ids, values or tag ids
+        if not head.needs_labels:
+            return [{"value": value} for value in predicted.float().tolist()]
+        # probability of the predicted label: (batch,) or (batch, tokens)
+        scores = logits.float().softmax(-1).gather(-1, predicted.unsqueeze(-1)).squeeze(-1)
+        if not head.token_level:
+            return [
+                {"label": spec["labels"][label], "score": score}
+                for label, score in zip(predicted.tolist(), scores.tolist(), strict=True)
+            ]
+        return [
+            word_tags(spec, sentence, encoding.word_ids(i), ids, row)
+            for i, (sentence, ids, row) in enumerate(
+                zip(words, predicted.tolist(), scores.tolist(), strict=True)
+            )
+        ]
+
+
+def word_tags(
+    task: dict[str, Any], words: list[str], word_ids: list, ids: list[int], scores: list[float]
+) -> dict[str, Any]:
+    """Per-token predictions -> one tag and score per word (at its first sub-token, as training
+    labels it), plus the entities they form."""
+    from mtnlp.data import word_predictions  # imported here: mtnlp.data loads `datasets`
+
+    per_word = word_predictions(word_ids, list(zip(ids, scores, strict=True)), len(words))
+    tags = [None if value is None else task["labels"][value[0]] for value in per_word]
+    word_scores = [None if value is None else value[1] for value in per_word]
+    result: dict[str, Any] = {"words": words, "tags": tags, "scores": word_scores}
+    scheme = entity_scheme(task)
+    if scheme is not None:
+        result["entities"] = group_entities(words, tags, word_scores, scheme)
+    return result

@@ -1,0 +1,46 @@
+"""Model selection: keep the weights of the evaluation with the best dev score.
+
+Used by `--keep-best` and by MT-DNN's fine-tuning stage ("best dev checkpoint kept"). The score
+is the mean over tasks of each task's first metric; every registered metric is higher-is-better.
+"""
+
+from __future__ import annotations
+
+import math
+
+from torch import Tensor, nn
+
+
+def dev_score(results: dict[str, dict[str, float]]) -> float:
+    """Mean over tasks of the first metric of each task's results (NaN if any is NaN)."""
+    firsts = [next(iter(metrics.values())) for metrics in results.values() if metrics]
+    return sum(firsts) / len(firsts) if firsts else math.nan
+
+
+class BestCheckpoint:
+    """A CPU copy of the model's weights at its best dev score so far (the first one if every
+    score is NaN), to restore before saving."""
+
+    def __init__(self) -> None:
+        self.score = -math.inf
+        self.step: int | None = None
+        self.results: dict[str, dict[str, float]] | None = None
+        self.state: dict[str, Tensor] | None = None
+
+    def update(self, step: int, results: dict[str, dict[str, float]], model: nn.Module) -> bool:
+        """Remember `model`'s weights if `results` beat the best so far; True if they did."""
+        score = dev_score(results)
+        if self.state is not None and not score > self.score:
+            return False
+        self.score = -math.inf if math.isnan(score) else score
+        self.step, self.results = step, results
+        state = model.state_dict()
+        self.state = {name: value.detach().to("cpu", copy=True) for name, value in state.items()}
+        return True
+
+    def restore(self, model: nn.Module) -> dict[str, dict[str, float]]:
+        """Load the best weights into `model`; return their dev results."""
+        if self.state is None:
+            raise RuntimeError("no checkpoint to restore: update() was never called")
+        model.load_state_dict(self.state)
+        return self.results

@@ -1,0 +1,196 @@
+"""The bench scripts' core functions on tiny sizes, and length-grouped batching.
+
+The scripts' --quick modes take up to a minute each on two busy cores, so this file runs their
+core functions in-process with smaller sizes instead.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+
+import datasets
+import pytest
+import torch
+
+from conftest import REPO
+
+sys.path.insert(0, str(REPO))  # the bench scripts are modules of the repository's bench/ folder
+
+from bench import common, glue_quality, inference, overhead, padding
+from mtnlp.cards import load_cards
+from mtnlp.data import example_lengths, make_dataloader
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory, tiny_tokenizer):
+    """A tiny random BERT and a 200-word vocabulary (cheap for datasets to fingerprint)."""
+    from mtnlp.tiny import tiny_bert
+
+    folder = tmp_path_factory.mktemp("tiny")
+    torch.manual_seed(0)
+    tiny_bert(tiny_tokenizer).save_pretrained(folder)
+    tiny_tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def sst2_card():
+    return load_cards([common.GLUE_CARDS], ["sst2"])[0]
+
+
+def variable_lengths(count: int = 200) -> datasets.Dataset:
+    generator = torch.Generator().manual_seed(0)
+    sizes = torch.randint(3, 60, (count,), generator=generator).tolist()
+    ids = [[101, *range(1000, 1000 + size - 2), 102] for size in sizes]
+    return datasets.Dataset.from_dict(
+        {"input_ids": ids, "attention_mask": [[1] * len(x) for x in ids], "labels": [0] * count}
+    )
+
+
+# ------------------------------------------------------------------------------ grouping
+def test_group_by_length_pads_less_and_keeps_every_example(tiny_tokenizer, sst2_card):
+    dataset = variable_lengths()
+    sizes = example_lengths(dataset)
+    assert sizes == [len(ids) for ids in dataset["input_ids"]]
+    shares = {}
+    for grouped in (False, True):
+        loader = make_dataloader(
+            sst2_card, dataset, tiny_tokenizer, 8, shuffle=True, seed=3, group_by_length=grouped
+        )
+        batches = list(loader.batch_sampler)
+        assert sorted(i for batch in batches for i in batch) == list(range(len(dataset)))
+        shares[grouped] = sum(padding.batch_padding(sizes, batches)) / len(batches)
+    assert shares[True] < 0.5 * shares[False]
+
+
+def test_group_by_length_order_follows_the_generator(tiny_tokenizer, sst2_card):
+    """Same seed, same order; a restored generator state replays the epoch (resume)."""
+    dataset = variable_lengths()
+
+    def loader(seed: int):
+        return make_dataloader(
+            sst2_card, dataset, tiny_tokenizer, 8, shuffle=True, seed=seed, group_by_length=True
+        )
+
+    first, again, other = loader(1), loader(1), loader(2)
+    state = first.generator.get_state()
+    order = [batch["input_ids"].shape for batch in first]
+    assert order == [batch["input_ids"].shape for batch in again]
+    assert list(first.batch_sampler) != list(other.batch_sampler)
+    first.generator.set_state(state)
+    assert [batch["input_ids"].shape for batch in first] == order
+    with pytest.raises(ValueError, match="shuffle"):
+        make_dataloader(sst2_card, dataset, tiny_tokenizer, 8, shuffle=False, group_by_length=True)
+
+
+def test_group_by_length_flag_parses():
+    from mtnlp.args import parse_args
+
+    assert parse_args(["--group-by-length"]).group_by_length is True
+    assert parse_args([]).group_by_length is False
+
+
+def test_batch_padding():
+    assert padding.batch_padding([4, 2, 4, 4], [[0, 1], [2, 3]]) == [0.25, 0.0]
+
+
+# ------------------------------------------------------------------------------ common
+def test_peak_rss_and_emit(capsys, tmp_path):
+    with common.PeakRSS() as peak:
+        block = bytearray(64 * 2**20)  # 64 MB, touched
+        block[::4096] = b"x" * len(block[::4096])
+    assert peak.mb is not None and peak.mb > 64
+    assert common.spread([1.0, 2.0, 3.0, 4.0])["median"] == 2.5
+    written = common.emit({"value": 1 / 3}, tmp_path / "out.json")
+    printed = json.loads(capsys.readouterr().out)
+    assert printed == json.loads((tmp_path / "out.json").read_text()) == written
+    assert printed["value"] == 0.3333
+    assert printed["machine"]["cores"] >= 1 and "torch" in printed["machine"]["versions"]
+
+
+# ------------------------------------------------------------------------------ overhead
+def test_overhead_times_the_same_batches_in_both_loops(
+    tiny_folder, data_dir, tmp_path, monkeypatch
+):
+    """Pairs are timed, and the plain loop trains on exactly the batches mtnlp trained on."""
+    from mtnlp import training
+
+    seen = {"mtnlp": [], "plain": []}
+    original_next = training.TaskStreams.next
+
+    def recording_next(self, task):
+        batch = original_next(self, task)
+        seen["mtnlp"].append(batch["input_ids"].clone())
+        return batch
+
+    def recording_endless(loader):
+        while True:
+            for batch in loader:
+                seen["plain"].append(batch["input_ids"].clone())
+                yield batch
+
+    monkeypatch.setattr(training.TaskStreams, "next", recording_next)
+    monkeypatch.setattr(overhead, "_endless", recording_endless)
+    result = overhead.measure(
+        tiny_folder,
+        "fp32",
+        tasks="rte,mrpc",
+        steps=3,
+        warmup=1,
+        batch_size=4,
+        max_train_samples=16,
+        data_dir=data_dir / "glue",
+        output_dir=tmp_path / "run",
+    )
+    assert result["pairs"] == 3
+    assert math.isfinite(result["ratio_median"]) and result["ratio_median"] > 0
+    assert result["peak_rss_mb_train"] > 0
+    assert len(seen["mtnlp"]) == len(seen["plain"]) == 4
+    for mine, plain in zip(seen["mtnlp"], seen["plain"], strict=True):
+        assert torch.equal(mine, plain)
+
+
+# ------------------------------------------------------------------------------ inference
+def test_inference_speedup_per_k(tiny_folder, data_dir):
+    texts = inference.sentences(data_dir / "glue", 8)
+    assert len(texts) == 8 and all(isinstance(text, str) for text in texts)
+    result = inference.measure(tiny_folder, texts, [1, 2], rounds=1, batch_size=4)
+    assert set(result["speedup"]) == set(result["speedup_forward"]) == {"1", "2"}
+    assert all(value > 0 for value in result["speedup"].values())
+    assert result["sentences_per_s"]["2"]["mtnlp"] > 0
+
+
+def test_separate_models_predict_labels_and_scores(tiny_folder):
+    from transformers import AutoTokenizer
+
+    models = inference.build_separate(tiny_folder, 2)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_folder)
+    results = inference.run_separate(models, tokenizer, ["a b", "c d e"], 4, 16)
+    assert len(results) == 4  # 2 models x 2 sentences
+    assert all(0.5 <= result["score"] <= 1 for result in results)
+
+
+# ------------------------------------------------------------------------------ glue quality
+def test_glue_quality_summary():
+    names = {"rte": ["accuracy"], "mrpc": ["accuracy", "f1"]}
+
+    def run(setting, rte, mrpc_f1):
+        metrics = {"rte": {"accuracy": rte}, "mrpc": {"accuracy": 0.8, "f1": mrpc_f1}}
+        return {"setting": setting, "metrics": metrics, "wall_seconds": 2.0,
+                "train_examples": 100, "peak_rss_mb": 10.0}  # fmt: skip
+
+    runs = [
+        run(glue_quality.SINGLE, 0.5, 0.8),
+        run(glue_quality.SINGLE, 0.7, 0.8),
+        run(glue_quality.MULTI, 0.7, 0.9),
+        run(glue_quality.MULTI, 0.7, 0.9),
+    ]
+    summary = glue_quality.summarize(runs, names)
+    single = summary["settings"][glue_quality.SINGLE]
+    assert single["tasks"]["rte"]["mean"] == pytest.approx(60.0)
+    assert single["tasks"]["rte"]["std"] == pytest.approx(math.sqrt(200))
+    assert single["glue_average"]["mean"] == pytest.approx((60 + 80) / 2)
+    assert single["wall_seconds"] == 2.0 and single["train_examples"] == 100
+    assert summary["multi_task_gain"] == pytest.approx({"rte": 10.0, "mrpc": 5.0})

@@ -1,0 +1,245 @@
+"""Pushing to the Hub (mocked: no network): which files one commit holds, what the model card says,
+and that the pushed files load through both entry points with identical outputs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+from unittest import mock
+
+import pytest
+import torch
+import yaml
+from accelerate import PartialState
+from huggingface_hub import HfApi, ModelCard, RepoUrl
+from huggingface_hub.errors import LocalTokenNotFoundError
+from transformers import AutoModel, AutoTokenizer
+
+from mtnlp.args import parse_args
+from mtnlp.cards import parse_card
+from mtnlp.errors import UserError
+from mtnlp.hub import model_card, push_to_hub
+from mtnlp.modeling import MultiTaskModel
+from mtnlp.tiny import tiny_bert
+from mtnlp.training import save_run
+
+REPO_ID = "me/tiny-mt"
+
+
+def card(name: str, type: str, inputs: list[str], hub: tuple[str, str | None], **extra):
+    source = {"hub": {"path": hub[0], "name": hub[1]}}
+    data = {"name": name, "type": type, "source": source, "inputs": inputs, **extra}
+    return parse_card(data, f"{name}.yaml")
+
+
+CARDS = [
+    card("rte", "classification", ["sentence1", "sentence2"], ("nyu-mll/glue", "rte"),
+         labels=["entailment", "not_entailment"], metrics=["accuracy"], description="RTE"),
+    card("stsb", "regression", ["sentence1", "sentence2"], ("nyu-mll/glue", "stsb"),
+         metrics=["pearson", "spearmanr"]),
+    card("mnli", "classification", ["premise", "hypothesis"], ("nyu-mll/glue", "mnli"),
+         labels=["entailment", "neutral", "contradiction"], metrics=["accuracy"],
+         eval_splits=["validation_matched", "validation_mismatched"]),
+    card("ner", "tagging", ["tokens"], ("lukasgarbas/conll-03", None),
+         labels=["O", "B-PER", "I-PER"], metrics=["seqeval"], label_column="ner_tags"),
+]  # fmt: skip
+RESULTS = {
+    "rte": {"accuracy": 0.625},
+    "stsb": {"pearson": 0.81, "spearmanr": 0.79},
+    "mnli": {"accuracy": 0.7, "accuracy_validation_mismatched": 0.71},
+    "ner": {"overall_f1": 0.5},
+}
+SUMMARY = {
+    "args": {"model": "bert-base-uncased", "sampler": "temperature", "weighting": "uncertainty"},
+    "steps": 7,
+    "mixed_precision": "bf16",
+    "num_processes": 1,
+    "task_steps": {"rte": 2, "stsb": 2, "mnli": 2, "ner": 1},
+}
+HISTORY = [
+    {"step": 7, "loss": {"rte": 0.7, "ner": 1.1}, "share": {"rte": 0.5, "ner": 0.5}},
+    {"step": 7, "eval": RESULTS},
+]
+
+
+@pytest.fixture(scope="module")
+def run(tiny_tokenizer, tmp_path_factory):
+    """A saved training run (what `training.save_run` writes), plus a checkpoint not to push."""
+    torch.manual_seed(0)
+    model = MultiTaskModel.from_encoder(
+        tiny_bert(tiny_tokenizer), [c.model_spec() for c in CARDS]
+    ).eval()
+    folder = tmp_path_factory.mktemp("hub") / "run"
+    save_run(folder, model, tiny_tokenizer, CARDS, RESULTS, HISTORY, SUMMARY)
+    (folder / "checkpoint-5").mkdir()
+    (folder / "checkpoint-5" / "optimizer.bin").write_bytes(b"state")
+    return SimpleNamespace(folder=folder, model=model, tokenizer=tiny_tokenizer)
+
+
+def full(repo_id: str) -> str:
+    """The Hub puts a bare repository name in the user's namespace."""
+    return repo_id if "/" in repo_id else f"me/{repo_id}"
+
+
+@pytest.fixture
+def hub():
+    """HfApi.create_repo / create_commit replaced: each commit's files (path -> bytes) recorded."""
+    commits: list[dict] = []
+
+    def create_commit(self, repo_id, operations, **kwargs):
+        files = {}
+        for operation in operations:
+            with operation.as_file() as file:
+                files[operation.path_in_repo] = file.read()
+        commits.append({"repo_id": repo_id, "files": files, **kwargs})
+        return SimpleNamespace(commit_url=f"https://huggingface.co/{repo_id}/commit/1")
+
+    with (
+        mock.patch.dict("os.environ", {"HF_HUB_OFFLINE": "1"}),
+        mock.patch.object(
+            HfApi,
+            "create_repo",
+            autospec=True,
+            side_effect=lambda self, repo_id, **kw: RepoUrl(
+                f"https://huggingface.co/{full(repo_id)}"
+            ),
+        ) as create_repo,
+        mock.patch.object(HfApi, "create_commit", autospec=True, side_effect=create_commit),
+    ):
+        yield SimpleNamespace(create_repo=create_repo, commits=commits)
+
+
+def test_model_card_metadata(run):
+    card = ModelCard(model_card(run.model.config, REPO_ID, run.folder))
+    data = card.data.to_dict()
+    assert data["library_name"] == "mtnlp"
+    assert {"mtnlp", "multi-task", "text-classification", "token-classification"} <= set(
+        data["tags"]
+    )
+    assert data["base_model"] == "bert-base-uncased"
+    assert data["datasets"] == ["lukasgarbas/conll-03", "nyu-mll/glue"]
+    [entry] = data["model-index"]
+    assert entry["name"] == "tiny-mt"
+    reported = {
+        (r["task"]["name"], metric["name"], r["dataset"]["split"], metric["value"])
+        for r in entry["results"]
+        for metric in r["metrics"]
+    }
+    assert reported == {
+        ("rte", "accuracy", "validation", 0.625),
+        ("stsb", "pearson", "validation", 0.81),
+        ("stsb", "spearmanr", "validation", 0.79),
+        ("mnli", "accuracy", "validation_matched", 0.7),
+        ("mnli", "accuracy_validation_mismatched", "validation_mismatched", 0.71),
+        ("ner", "overall_f1", "validation", 0.5),
+    }
+    by_task = {r["task"]["name"]: r for r in entry["results"]}
+    assert by_task["ner"]["task"]["type"] == "token-classification"
+    assert by_task["rte"]["dataset"] == {
+        "name": "nyu-mll/glue rte",
+        "type": "nyu-mll/glue",
+        "config": "rte",
+        "split": "validation",
+    }
+
+
+def test_model_card_text(run):
+    text = ModelCard(model_card(run.model.config, REPO_ID, run.folder)).text
+    assert "| rte | classification | RTE | entailment, not_entailment | accuracy |" in text
+    assert "| stsb | regression |  | (a real value) | pearson, spearmanr |" in text
+    assert "| ner | tagging |  | O, B-PER, I-PER | seqeval | overall_f1 0.5000 |" in text
+    for row in ["| task sampler | temperature |", "| loss weighting | uncertainty |",
+                "| optimizer steps | 7 |", "| mixed precision | bf16 |"]:  # fmt: skip
+        assert row in text
+    assert "![training loss](plots/loss.png)" in text
+    # the usage snippet runs the tasks that read the same input as the first (pairs here)
+    assert f'mtnlp.MultiTaskModel.from_pretrained("{REPO_ID}")' in text
+    assert "tasks=['rte', 'stsb', 'mnli']" in text
+    assert f"mtnlp predict {REPO_ID} --tasks rte,stsb,mnli" in text
+
+
+def test_push_folder_commits_the_artifact(run, hub, tmp_path):
+    commit = push_to_hub(run.folder, REPO_ID, private=True)
+    assert commit.commit_url.startswith(f"https://huggingface.co/{REPO_ID}")
+    hub.create_repo.assert_called_once_with(
+        mock.ANY, REPO_ID, private=True, token=None, exist_ok=True
+    )
+    [pushed] = hub.commits
+    files = pushed["files"]
+    expected = {
+        "README.md", "config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+        "label_maps.json", "eval_results.json", "train_summary.json", "train_log.jsonl",
+        "report.md", "plots/loss.png", "plots/dev_metrics.png", "plots/task_share.png",
+        *(f"cards/{c.name}.yaml" for c in CARDS),
+    }  # fmt: skip
+    assert set(files) == expected  # no checkpoint, no hidden staging folder, no code
+    readme = files["README.md"].decode()
+    assert readme == model_card(run.model.config, REPO_ID, run.folder)
+    assert yaml.safe_load(readme.split("---")[1])["library_name"] == "mtnlp"
+    assert json.loads(files["label_maps.json"])["mnli"] == {
+        "id2label": {"0": "entailment", "1": "neutral", "2": "contradiction"},
+        "label2id": {"entailment": 0, "neutral": 1, "contradiction": 2},
+    }
+    assert yaml.safe_load(files["cards/rte.yaml"])["labels"] == ["entailment", "not_entailment"]
+
+    # what was pushed loads through both entry points, with every head, identically
+    for path, content in files.items():
+        (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / path).write_bytes(content)
+    direct = MultiTaskModel.from_pretrained(tmp_path).eval()
+    auto = AutoModel.from_pretrained(tmp_path).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path)
+    inputs = tokenizer(["the cat sat", "a dog runs in the park"], padding=True, return_tensors="pt")
+    tasks = [c.name for c in CARDS]
+    assert isinstance(auto, MultiTaskModel)
+    with torch.no_grad():
+        original = run.model.forward_tasks(tasks, **inputs)
+        by_class = direct.forward_tasks(tasks, **inputs)
+        by_auto = auto.forward_tasks(tasks, **inputs)
+    for task in tasks:
+        assert torch.equal(by_auto[task].logits, by_class[task].logits), task
+        torch.testing.assert_close(by_class[task].logits, original[task].logits, rtol=0, atol=1e-6)
+
+
+def test_model_push_to_hub_method(run, hub):
+    run.model.push_to_hub(REPO_ID, tokenizer=run.tokenizer, run_dir=run.folder)
+    files = hub.commits[0]["files"]
+    assert {"model.safetensors", "config.json", "tokenizer.json", "cards/ner.yaml"} <= set(files)
+    assert b"library_name: mtnlp" in files["README.md"]
+    assert b"| mixed precision | bf16 |" in files["README.md"]
+    assert hub.commits[0]["commit_message"] == "Upload mtnlp multi-task model"
+
+
+def test_card_names_the_full_repository_id(run, hub):
+    push_to_hub(run.folder, "tiny-mt")
+    assert hub.commits[0]["repo_id"] == "me/tiny-mt"
+    assert b'MultiTaskModel.from_pretrained("me/tiny-mt")' in hub.commits[0]["files"]["README.md"]
+
+
+def test_only_the_main_process_pushes(run, hub):
+    with mock.patch.object(
+        PartialState, "is_main_process", new_callable=mock.PropertyMock, return_value=False
+    ):
+        assert push_to_hub(run.folder, REPO_ID) is None
+    hub.create_repo.assert_not_called()
+    assert hub.commits == []
+
+
+def test_push_errors_are_user_errors(run, hub, tmp_path):
+    with pytest.raises(UserError, match="--hub-model-id: 'a/b/c' is not a valid Hub model id"):
+        push_to_hub(run.folder, "a/b/c")
+    with pytest.raises(UserError, match="not an mtnlp model folder"):
+        push_to_hub(tmp_path, REPO_ID)
+    hub.create_repo.side_effect = LocalTokenNotFoundError("Token is required, but no token found")
+    with pytest.raises(UserError, match=f"push to {REPO_ID}: Token is required, but no token"):
+        push_to_hub(run.folder, REPO_ID)
+    with pytest.raises(UserError, match="--hub-model-id: required to push"):
+        parse_args(["--push-to-hub"])  # before any training starts
+    args = parse_args(["--push-to-hub", "--hub-model-id", REPO_ID, "--hub-private"])
+    assert (args.push_to_hub, args.hub_model_id, args.hub_private) == (True, REPO_ID, True)
+
+
+def test_nothing_pushed_is_code(run, hub):
+    push_to_hub(run.folder, REPO_ID)
+    assert not [p for p in hub.commits[0]["files"] if Path(p).suffix in (".py", ".bin", ".pkl")]
