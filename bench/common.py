@@ -75,6 +75,29 @@ def encoder_folder(name: str, folder: Path) -> str:
     return name
 
 
+def fixed_step_arguments(options: argparse.Namespace, output_dir: Path, **overrides: Any) -> Any:
+    """`TrainArguments` of one fixed-budget run of bench/sampling.py or bench/sharing.py: the
+    encoder, data, tasks, steps, batch size, learning rate, caps and seed of `options`, plus
+    the setting's `overrides`."""
+    from mtnlp.args import TrainArguments
+
+    return TrainArguments(
+        model=options.model_folder,
+        data_dir=[str(options.data_dir)],
+        tasks=options.tasks,
+        output_dir=str(output_dir),
+        overwrite_output_dir=True,
+        max_steps=options.steps,
+        batch_size=options.batch_size,
+        learning_rate=options.learning_rate,
+        max_train_samples=options.max_train_samples,
+        max_eval_samples=options.max_eval_samples,
+        log_every=max(1, options.steps // 10),
+        seed=options.seed,
+        **overrides,
+    )
+
+
 @contextmanager
 def temporary_folder() -> Iterator[Path]:
     with tempfile.TemporaryDirectory(prefix="mtnlp-bench-") as folder:
@@ -181,6 +204,7 @@ def machine_info() -> dict[str, Any]:
         "cpu": _cpu_model(),
         "cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
+        "mixed_precision": os.environ.get("ACCELERATE_MIXED_PRECISION", "no"),
         "load_average": [round(x, 2) for x in os.getloadavg()],
         "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
         "python": platform.python_version(),
@@ -190,20 +214,32 @@ def machine_info() -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------ command line
-def parser(description: str) -> argparse.ArgumentParser:
-    """An argument parser with the flags every bench script has: `--quick` and `--output`."""
+def parser(description: str, mixed_precision: bool = False) -> argparse.ArgumentParser:
+    """An argument parser with the flags every bench script has: `--quick`, `--output`,
+    `--threads`; with `mixed_precision`, also `--mixed-precision` for scripts that train through
+    `mtnlp.training.train` (as `accelerate launch --mixed_precision` would set it)."""
     result = argparse.ArgumentParser(description=description)
     result.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run (< 1 min)")
     result.add_argument("--output", type=Path, help="also write the JSON to this file")
     result.add_argument(
         "--threads", type=int, help="torch CPU threads (default: torch's; 1 is steadier when busy)"
     )
+    if mixed_precision:
+        result.add_argument(
+            "--mixed-precision",
+            choices=("no", "bf16", "fp16"),
+            default="no",
+            help="autocast of the training runs (bf16: about 2x faster on CPUs with AMX)",
+        )
     return result
 
 
 def setup(options: argparse.Namespace) -> None:
-    """Quiet the libraries and set the torch thread count, before any timing."""
+    """Quiet the libraries, set the torch thread count and the runs' mixed precision, before any
+    timing."""
     quiet()
+    if getattr(options, "mixed_precision", "no") != "no":
+        os.environ["ACCELERATE_MIXED_PRECISION"] = options.mixed_precision
     if options.threads:
         import torch
 

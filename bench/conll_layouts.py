@@ -60,7 +60,7 @@ def run_layout(layout: str, seed: int, model: str, output: str, options) -> dict
 
 
 def main() -> dict[str, Any]:
-    cli = parser(__doc__.split("\n\n")[0])
+    cli = parser(__doc__.split("\n\n")[0], mixed_precision=True)
     cli.add_argument("--model", default="minilm", help="minilm (default), tiny, or a model folder")
     cli.add_argument("--layouts", nargs="+", default=list(LAYOUTS), choices=LAYOUTS)
     cli.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])

@@ -134,7 +134,7 @@ def summarize(runs: list[dict[str, Any]], metric_names: dict[str, list[str]]) ->
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    cli = parser(__doc__.splitlines()[0])
+    cli = parser(__doc__.splitlines()[0], mixed_precision=True)
     cli.add_argument("--model", default="minilm", help="minilm, tiny, mini, base or a folder")
     cli.add_argument("--tasks", default="rte,mrpc,stsb,cola")
     cli.add_argument("--data-dir", type=Path, default=DATA_DIR / "glue")

@@ -35,6 +35,7 @@ from bench.common import (
     GLUE_CARDS,
     emit,
     encoder_folder,
+    fixed_step_arguments,
     parser,
     setup,
     temporary_folder,
@@ -44,22 +45,11 @@ from bench.glue_quality import glue_score
 
 def train_setting(options, sampler: str, weighting: str, output_dir: Path, cards) -> dict[str, Any]:
     """One multi-task run: dev metrics, GLUE scores, step shares, final weights, wall time."""
-    from mtnlp.args import TrainArguments
     from mtnlp.training import train
 
-    args = TrainArguments(
-        model=options.model_folder,
-        data_dir=[str(options.data_dir)],
-        tasks=options.tasks,
-        output_dir=str(output_dir),
-        overwrite_output_dir=True,
-        max_steps=options.steps,
-        batch_size=options.batch_size,
-        learning_rate=options.learning_rate,
-        max_train_samples=options.max_train_samples,
-        max_eval_samples=options.max_eval_samples,
-        log_every=max(1, options.steps // 10),
-        seed=options.seed,
+    args = fixed_step_arguments(
+        options,
+        output_dir,
         sampler=sampler,
         temperature=options.temperature,
         weighting=weighting,
@@ -133,7 +123,7 @@ def markdown(result: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    cli = parser(__doc__.splitlines()[0])
+    cli = parser(__doc__.splitlines()[0], mixed_precision=True)
     cli.add_argument("--model", default="minilm", help="minilm, tiny, mini, base or a folder")
     cli.add_argument("--tasks", default="rte,mrpc,stsb,cola")
     cli.add_argument("--data-dir", type=Path, default=DATA_DIR / "glue")

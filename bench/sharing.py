@@ -34,7 +34,16 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.common import DATA_DIR, GLUE_CARDS, emit, encoder_folder, parser, setup, temporary_folder
+from bench.common import (
+    DATA_DIR,
+    GLUE_CARDS,
+    emit,
+    encoder_folder,
+    fixed_step_arguments,
+    parser,
+    setup,
+    temporary_folder,
+)
 from bench.glue_quality import glue_score
 
 # setting -> TrainArguments overrides
@@ -52,24 +61,13 @@ SETTINGS: dict[str, dict[str, Any]] = {
 def train_setting(options, setting: str, output_dir: Path, cards) -> dict[str, Any]:
     """One multi-task run: dev metrics, GLUE scores, wall time, speed, parameter count."""
     from mtnlp.affinity import mean_affinity
-    from mtnlp.args import TrainArguments
     from mtnlp.modeling import MultiTaskModel
     from mtnlp.report import read_history
     from mtnlp.training import train
 
-    args = TrainArguments(
-        model=options.model_folder,
-        data_dir=[str(options.data_dir)],
-        tasks=options.tasks,
-        output_dir=str(output_dir),
-        overwrite_output_dir=True,
-        max_steps=options.steps,
-        batch_size=options.batch_size,
-        learning_rate=options.learning_rate,
-        max_train_samples=options.max_train_samples,
-        max_eval_samples=options.max_eval_samples,
-        log_every=max(1, options.steps // 10),
-        seed=options.seed,
+    args = fixed_step_arguments(
+        options,
+        output_dir,
         sharing_layers=options.sharing_layers,
         affinity_every=options.affinity_every if setting == "hard" else None,
         **SETTINGS[setting],
@@ -119,7 +117,7 @@ def markdown(result: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    cli = parser(__doc__.splitlines()[0])
+    cli = parser(__doc__.splitlines()[0], mixed_precision=True)
     cli.add_argument("--model", default="minilm", help="minilm, tiny, mini, base or a folder")
     cli.add_argument("--tasks", default="rte,mrpc,stsb")
     cli.add_argument("--data-dir", type=Path, default=DATA_DIR / "glue")

@@ -107,6 +107,9 @@ def find_layer_list(encoder: nn.Module) -> tuple[str, nn.ModuleList] | None:
 @contextlib.contextmanager
 def truncated_encoder(encoder: nn.Module, depth: int) -> Iterator[None]:
     """Within the block the encoder runs only its first `depth` layers (all when it cannot)."""
+    if depth >= encoder.config.num_hidden_layers:  # the full encoder: nothing to look up
+        yield
+        return
     found = find_layer_list(encoder)
     if found is None or depth >= len(found[1]):
         yield

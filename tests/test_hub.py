@@ -41,7 +41,7 @@ CARDS = [
     card("mnli", "classification", ["premise", "hypothesis"], ("nyu-mll/glue", "mnli"),
          labels=["entailment", "neutral", "contradiction"], metrics=["accuracy"],
          eval_splits=["validation_matched", "validation_mismatched"]),
-    card("ner", "tagging", ["tokens"], ("lukasgarbas/conll-03", None),
+    card("ner", "tagging", ["tokens"], ("lhoestq/conll2003", None),
          labels=["O", "B-PER", "I-PER"], metrics=["seqeval"], label_column="ner_tags"),
 ]  # fmt: skip
 RESULTS = {
@@ -118,7 +118,7 @@ def test_model_card_metadata(run):
         data["tags"]
     )
     assert data["base_model"] == "bert-base-uncased"
-    assert data["datasets"] == ["lukasgarbas/conll-03", "nyu-mll/glue"]
+    assert data["datasets"] == ["lhoestq/conll2003", "nyu-mll/glue"]
     [entry] = data["model-index"]
     assert entry["name"] == "tiny-mt"
     reported = {
