@@ -72,6 +72,7 @@ def one_run(options, tasks: str, seed: int, output_dir: Path, finetune: bool) ->
         max_eval_samples=options.max_eval_samples,
         seed=seed,
         finetune_epochs=options.finetune_epochs,
+        group_by_length=options.group_by_length,
     )
     cards = load_cards([GLUE_CARDS], args.task_list)
     started = time.perf_counter()
@@ -146,6 +147,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     cli.add_argument("--max-eval-samples", type=int, help="cap each dev set")
     cli.add_argument("--finetune", action="store_true", help="add MT-DNN's fine-tuning stage")
     cli.add_argument("--finetune-epochs", type=float, default=1.0)
+    cli.add_argument(
+        "--group-by-length", action="store_true", help="length-grouped batches (every setting)"
+    )
     options = cli.parse_args(argv)
     if options.quick:
         options.model, options.seeds, options.epochs = "tiny", "1", 1.0

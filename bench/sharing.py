@@ -18,10 +18,9 @@ and their average, the wall time, training examples/s and the model's parameter 
 run also logs task affinity (`--affinity-every`) and its mean matrices are reported.
 `--markdown FILE` writes the table for bench/RESULTS.md.
 
-Cost: MiniLM trains at about 25 examples/s in fp32 on this 2-core CPU; the defaults (7 settings
-x 300 steps of 16 examples, the column settings running 3 copies of 2 layers, plus evaluation on
-the full dev sets) take about an hour there. Lower `--steps`, cap `--max-eval-samples` or pick
-`--settings` for a cheaper run.
+Cost: 7 settings, the column settings running 3 copies of 2 layers; bench/RESULTS.md gives the
+command and minutes of a real run (MiniLM, bf16, 2 CPU cores). Lower `--steps`, cap
+`--max-eval-samples` or pick `--settings` for a cheaper run.
 """
 
 from __future__ import annotations
