@@ -157,10 +157,11 @@ def spread(values: Sequence[float]) -> dict[str, float]:
     return {"median": statistics.median(ordered), "q1": q1, "q3": q3, "n": len(ordered)}
 
 
-def rounded(value: Any, digits: int = 4) -> Any:
-    """`value` with every float rounded (nested dicts and lists too), for readable JSON."""
+def rounded(value: Any, digits: int = 5) -> Any:
+    """`value` with every float cut to `digits` significant digits (nested dicts and lists too),
+    for readable JSON; significant, not decimal, digits, so a learning rate of 8e-5 stays 8e-5."""
     if isinstance(value, float):
-        return round(value, digits)
+        return float(f"{value:.{digits}g}")
     if isinstance(value, dict):
         return {key: rounded(item, digits) for key, item in value.items()}
     if isinstance(value, (list, tuple)):

@@ -106,8 +106,16 @@ def test_peak_rss_and_emit(capsys, tmp_path):
     written = common.emit({"value": 1 / 3}, tmp_path / "out.json")
     printed = json.loads(capsys.readouterr().out)
     assert printed == json.loads((tmp_path / "out.json").read_text()) == written
-    assert printed["value"] == 0.3333
+    assert printed["value"] == 0.33333
     assert printed["machine"]["cores"] >= 1 and "torch" in printed["machine"]["versions"]
+
+
+def test_rounded_keeps_significant_digits():
+    """Small values such as learning rates survive (4 decimals would print 8e-5 as 1e-4)."""
+    values = {"lr": 8e-5, "times": [1234.5678, 0.123456], "name": "x", "steps": 7}
+    assert common.rounded(values) == {
+        "lr": 8e-5, "times": [1234.6, 0.12346], "name": "x", "steps": 7,
+    }  # fmt: skip
 
 
 # ------------------------------------------------------------------------------ overhead
