@@ -44,6 +44,12 @@ def glue_score(metrics: dict[str, float], names: Sequence[str]) -> float:
     return 100 * statistics.fmean(metrics[name] for name in names)
 
 
+def scores_of(metrics: dict[str, dict[str, float]], cards) -> dict[str, float]:
+    """GLUE score per task (`cards`' metrics) and their average."""
+    scores = {card.name: glue_score(metrics[card.name], card.metrics) for card in cards}
+    return {**scores, "average": statistics.fmean(scores.values())}
+
+
 def mean_std(values: Sequence[float]) -> dict[str, float]:
     return {
         "mean": statistics.fmean(values),

@@ -24,7 +24,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -40,7 +39,7 @@ from bench.common import (
     setup,
     temporary_folder,
 )
-from bench.glue_quality import glue_score
+from bench.glue_quality import scores_of
 
 
 def train_setting(options, sampler: str, weighting: str, output_dir: Path, cards) -> dict[str, Any]:
@@ -70,12 +69,6 @@ def train_setting(options, sampler: str, weighting: str, output_dir: Path, cards
         "loss_weights": summary["loss_weights"],
         "wall_seconds": time.perf_counter() - started,
     }
-
-
-def scores_of(metrics: dict[str, dict[str, float]], cards) -> dict[str, float]:
-    """GLUE score per task and their average."""
-    scores = {card.name: glue_score(metrics[card.name], card.metrics) for card in cards}
-    return {**scores, "average": statistics.fmean(scores.values())}
 
 
 def finetune_gain(run: dict[str, Any], cards, eval_every: int | None) -> dict[str, Any]:

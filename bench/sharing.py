@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -43,7 +42,7 @@ from bench.common import (
     setup,
     temporary_folder,
 )
-from bench.glue_quality import glue_score
+from bench.glue_quality import scores_of
 
 # setting -> TrainArguments overrides
 SETTINGS: dict[str, dict[str, Any]] = {
@@ -90,12 +89,6 @@ def train_setting(options, setting: str, output_dir: Path, cards) -> dict[str, A
     if affinity:
         run["affinity"] = affinity
     return run
-
-
-def scores_of(metrics: dict[str, dict[str, float]], cards) -> dict[str, float]:
-    """GLUE score per task and their average."""
-    scores = {card.name: glue_score(metrics[card.name], card.metrics) for card in cards}
-    return {**scores, "average": statistics.fmean(scores.values())}
 
 
 def markdown(result: dict[str, Any]) -> str:

@@ -69,3 +69,15 @@ def tiny_model(tiny_tokenizer):
 
     torch.manual_seed(0)
     return MultiTaskModel.from_encoder(tiny_bert(tiny_tokenizer), TINY_TASKS).eval()
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op torch thread for the test: tiny tensors and LSTMs gain nothing from more, and
+    on a few shared cores extra threads oversubscribe them (10-30x slower)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -24,14 +24,7 @@ BATCH, TOKENS, LAYERS = 2, 6, 4
 POS, CHUNK, NER = ["A", "B", "C"], ["O", "B-NP", "I-NP"], ["O", "B-PER", "I-PER", "B-LOC"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: on a few shared cores, more threads oversubscribe them (LSTMs and
-    small matrices run 10-30x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def task_layer(**options) -> dict:

@@ -29,14 +29,7 @@ CONLL_TASKS = ["pos", "chunk", "ner"]
 PIECES = ["the", "cat", "##s", "un", "##believ", "##able", "sat"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: on a few shared cores, more threads oversubscribe them (LSTMs and
-    small matrices run 10-30x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 @pytest.fixture(scope="module")

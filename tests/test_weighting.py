@@ -78,15 +78,6 @@ def test_uncertainty_formula():
     assert total.item() == pytest.approx(expected)
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny tensors: extra intra-op threads only add overhead (a lot on a busy 2-core machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_uncertainty_learns_larger_variance_for_noisy_task(one_thread):
     torch.manual_seed(0)
     inputs = torch.randn(256, 4)
