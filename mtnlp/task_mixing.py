@@ -92,7 +92,14 @@ def backward(
         accelerator.backward(weighting.combine(losses) + penalty)
         return
     reduce = partial(accelerator.reduce, reduction="mean")
-    weighting.backward(losses, shared_parameters, accelerator.backward, reduce_fn=reduce)
+    scaler = accelerator.scaler  # fp16: per-task gradients are taken at the scaler's scale
+    weighting.backward(
+        losses,
+        shared_parameters,
+        accelerator.backward,
+        reduce_fn=reduce,
+        loss_scale=scaler.get_scale() if scaler is not None else 1.0,
+    )
     if isinstance(penalty, Tensor) and penalty.requires_grad:
         accelerator.backward(penalty)
 

@@ -211,6 +211,7 @@ class PCGrad(LossWeighting):
         shared_parameters: list[nn.Parameter],
         backward_fn: Callable[[Tensor], Any] = Tensor.backward,
         reduce_fn: Callable[[Tensor], Tensor] | None = None,
+        loss_scale: float = 1.0,
     ) -> Tensor:
         """Accumulate PCGrad gradients into `.grad` through `backward_fn`; returns the summed loss.
 
@@ -220,10 +221,14 @@ class PCGrad(LossWeighting):
         Under several processes, `reduce_fn` averages each task's gradient over them first, so
         every rank projects the same (global) gradients and, once the ranks' gradients are
         averaged, the shared parameters get exactly the projected sum of the global gradients.
+        `loss_scale` is the fp16 gradient scaler's current scale: each task's gradient is taken
+        of the scaled loss (so small fp16 gradients do not underflow, as in the ordinary
+        backward) and unscaled in float32; an overflow makes the surrogate's gradients
+        non-finite, and the scaler then skips the step as it does for any other.
         """
         shared = [parameter for parameter in shared_parameters if parameter.requires_grad]
         total = self.combine(losses)
-        grads = [self._flat_grad(loss, shared) for loss in losses.values()]
+        grads = [self._flat_grad(loss, shared, loss_scale) for loss in losses.values()]
         if reduce_fn is not None:
             grads = [reduce_fn(grad) for grad in grads]
         order = torch.randperm(len(grads), generator=self.generator).tolist()
@@ -238,14 +243,18 @@ class PCGrad(LossWeighting):
         return total.detach()
 
     @staticmethod
-    def _flat_grad(loss: Tensor, shared: list[nn.Parameter]) -> Tensor:
-        grads = torch.autograd.grad(loss.float(), shared, retain_graph=True, allow_unused=True)
-        return torch.cat(
+    def _flat_grad(loss: Tensor, shared: list[nn.Parameter], loss_scale: float = 1.0) -> Tensor:
+        """d loss / d shared as one float32 vector, computed on `loss * loss_scale`."""
+        grads = torch.autograd.grad(
+            loss.float() * loss_scale, shared, retain_graph=True, allow_unused=True
+        )
+        flat = torch.cat(
             [
                 torch.zeros(p.numel(), device=p.device) if g is None else g.float().flatten()
                 for p, g in zip(shared, grads, strict=True)
             ]
         )
+        return flat / loss_scale
 
     def get_extra_state(self) -> dict[str, Tensor]:
         return {"generator": self.generator.get_state()}

@@ -224,3 +224,26 @@ def test_check_batch_mode():
 def test_unknown_name_lists_known():
     with pytest.raises(UserError, match="unknown loss weighting 'gradnorm'; known: dwa, pcgrad"):
         build_weighting("gradnorm", TASKS)
+
+
+@pytest.mark.parametrize("loss_scale", [1.0, 1024.0])
+def test_pcgrad_takes_task_gradients_at_the_fp16_loss_scale(loss_scale):
+    """fp16 activations: task gradients of 1e-8 underflow unless taken of the scaled loss, as the
+    grad scaler does for the ordinary backward; PCGrad's projection must see them too."""
+    shared = nn.Parameter(torch.tensor([1.0, 1.0]))  # fp32 master weights
+    tiny = torch.tensor(1e-4, dtype=torch.float16)
+
+    def losses():
+        h = shared.half() * tiny  # fp16 activations, as under fp16 autocast
+        # dL_a/dshared = (1, 1) 1e-8, dL_b/dshared = (-1, 0) 1e-8: the hand example, scaled
+        return {"a": h.sum() * tiny, "b": -h[0] * tiny}
+
+    weighting = build_weighting("pcgrad", ["a", "b"])
+    # accelerate's backward with a GradScaler: backward of the scaled loss, unscaled afterwards
+    scaled_backward = lambda loss: (loss * 1024.0).backward()  # noqa: E731
+    weighting.backward(losses(), [shared], scaled_backward, loss_scale=loss_scale)
+    written = shared.grad / 1024.0
+    projected = torch.tensor([-0.5, 1.5]) * 1e-8
+    plain_sum = torch.tensor([0.0, 1.0]) * 1e-8  # what an underflowed projection leaves
+    expected = projected if loss_scale > 1 else plain_sum
+    assert torch.allclose(written, expected, rtol=0.02, atol=1e-11)
