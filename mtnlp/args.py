@@ -34,6 +34,11 @@ def _number_from_yaml(value: Any) -> Any:
     return value
 
 
+def _word_from_yaml(value: Any) -> Any:
+    """A YAML number where a word is expected (`block_sparse_q: 2`): the word, "2"."""
+    return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
+
+
 # field types: HfArgumentParser sees the plain type, pydantic the bounds too (validate_values)
 Number = Annotated[float, BeforeValidator(_number_from_yaml), AllowInfNan(False)]
 PositiveNumber = Annotated[Number, Gt(0)]
@@ -186,7 +191,7 @@ class TrainArguments:
         default=0.0,
         metadata=_help("weight of the l1/lq block-sparse penalty on the task heads (0: off)"),
     )
-    block_sparse_q: Literal["2", "inf"] = field(
+    block_sparse_q: Annotated[Literal["2", "inf"], BeforeValidator(_word_from_yaml)] = field(
         default="2", metadata=_help("block-sparse: q of the l1/lq norm")
     )
     adversarial: NonNegativeNumber = field(

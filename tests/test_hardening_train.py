@@ -137,7 +137,7 @@ def test_a_valid_config_file_parses_with_the_right_types(tmp_path):
     config.write_text(
         "epochs: 2\nlearning-rate: 5e-5\nmax_steps: 10\nseed: 0\nwarmup_ratio: 1\n"
         "weight_decay: 0\nmax_grad_norm: 0\ncards: [a.yaml, b.yaml]\nkeep_best: true\n"
-        "batch_mode: all_tasks\nweighting: pcgrad\nblock_sparse_q: inf\nhub_model_id: null\n"
+        "batch_mode: all_tasks\nweighting: pcgrad\nblock_sparse_q: 2\nhub_model_id: null\n"
     )
     args = parse_args(["--config", str(config), "--seed", "7"])
     assert (args.epochs, args.learning_rate, args.max_steps) == (2.0, 5e-5, 10)
@@ -145,7 +145,7 @@ def test_a_valid_config_file_parses_with_the_right_types(tmp_path):
     assert (args.seed, args.warmup_ratio, args.weight_decay, args.max_grad_norm) == (7, 1, 0, 0)
     assert type(args.warmup_ratio) is float and type(args.max_steps) is int
     assert args.cards == ["a.yaml", "b.yaml"] and args.keep_best is True
-    assert (args.batch_mode, args.block_sparse_q, args.hub_model_id) == ("all_tasks", "inf", None)
+    assert (args.batch_mode, args.block_sparse_q, args.hub_model_id) == ("all_tasks", "2", None)
 
 
 def test_every_bad_value_is_one_line(tmp_path, capsys):
