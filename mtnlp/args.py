@@ -2,19 +2,55 @@
 
 One dataclass, parsed with transformers' `HfArgumentParser` (every field is a `--flag`, with
 dashes or underscores); `--config FILE.yaml` supplies defaults that flags on the command line
-override.
+override. Every value, from a flag or a config file, is checked against its field's type and
+bounds by pydantic (strictly: no string for a number, no 10.7 for an integer, finite floats), one
+error line per bad value, naming the flag or the config file and key.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import sys
+import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import Annotated, Any, Literal
 
 import yaml
+from annotated_types import Ge, Gt, Le
+from pydantic import AllowInfNan, BeforeValidator, TypeAdapter, ValidationError
 from transformers import HfArgumentParser
 
 from mtnlp.errors import UserError
+
+
+def _number_from_yaml(value: Any) -> Any:
+    """PyYAML reads YAML 1.1, where `5e-5` (no dot) is a string: such a string is a number."""
+    if isinstance(value, str):
+        with contextlib.suppress(ValueError):
+            return float(value)
+    return value
+
+
+def _word_from_yaml(value: Any) -> Any:
+    """A YAML number where a word is expected (`block_sparse_q: 2`): the word, "2"."""
+    return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
+
+
+# field types: HfArgumentParser sees the plain type, pydantic the bounds too (validate_values)
+Number = Annotated[float, BeforeValidator(_number_from_yaml), AllowInfNan(False)]
+PositiveNumber = Annotated[Number, Gt(0)]
+NonNegativeNumber = Annotated[Number, Ge(0)]
+Share = Annotated[Number, Ge(0), Le(1)]
+PositiveInt = Annotated[int, Gt(0)]
+Seed = Annotated[int, Ge(0), Le(2**32 - 1)]  # NumPy's seeds are 32-bit
+
+
+def flag(name: str) -> str:
+    """The command-line flag of a field: `--max-steps` for `max_steps`."""
+    return f"--{name.replace('_', '-')}"
 
 
 def _help(text: str, **kwargs) -> dict:
@@ -51,12 +87,16 @@ class TrainArguments:
     overwrite_output_dir: bool = field(
         default=False, metadata=_help("allow writing into an output folder that holds another run")
     )
-    epochs: float = field(default=3.0, metadata=_help("passes over the mixed training data"))
-    max_steps: int | None = field(
+    epochs: PositiveNumber = field(
+        default=3.0, metadata=_help("passes over the mixed training data")
+    )
+    max_steps: PositiveInt | None = field(
         default=None, metadata=_help("optimizer steps to train (overrides --epochs)")
     )
-    batch_size: int = field(default=32, metadata=_help("training batch size per process"))
-    eval_batch_size: int = field(default=64, metadata=_help("evaluation batch size per process"))
+    batch_size: PositiveInt = field(default=32, metadata=_help("training batch size per process"))
+    eval_batch_size: PositiveInt = field(
+        default=64, metadata=_help("evaluation batch size per process")
+    )
     group_by_length: bool = field(
         default=False,
         metadata=_help(
@@ -64,26 +104,30 @@ class TrainArguments:
             "shuffled, then sorted by length within mega-batches of 50 batches"
         ),
     )
-    learning_rate: float = field(default=5e-5, metadata=_help("peak AdamW learning rate"))
-    weight_decay: float = field(default=0.01, metadata=_help("AdamW weight decay"))
-    warmup_ratio: float = field(
+    learning_rate: PositiveNumber = field(default=5e-5, metadata=_help("peak AdamW learning rate"))
+    weight_decay: NonNegativeNumber = field(default=0.01, metadata=_help("AdamW weight decay"))
+    warmup_ratio: Share = field(
         default=0.1, metadata=_help("share of steps with linear warm-up (then linear decay)")
     )
-    gradient_accumulation_steps: int = field(
+    gradient_accumulation_steps: PositiveInt = field(
         default=1, metadata=_help("micro-batches per optimizer step")
     )
-    max_grad_norm: float = field(default=1.0, metadata=_help("gradient clipping norm (0: off)"))
-    max_train_samples: int | None = field(
+    max_grad_norm: NonNegativeNumber = field(
+        default=1.0, metadata=_help("gradient clipping norm (0: off)")
+    )
+    max_train_samples: PositiveInt | None = field(
         default=None, metadata=_help("use at most this many training examples per task")
     )
-    max_eval_samples: int | None = field(
+    max_eval_samples: PositiveInt | None = field(
         default=None, metadata=_help("use at most this many dev examples per task")
     )
-    seed: int = field(default=42, metadata=_help("seed of Python, NumPy, torch and the sampler"))
-    eval_every: int | None = field(
+    seed: Seed = field(default=42, metadata=_help("seed of Python, NumPy, torch and the sampler"))
+    eval_every: PositiveInt | None = field(
         default=None, metadata=_help("evaluate every N steps (always at the end)")
     )
-    log_every: int = field(default=50, metadata=_help("log task shares and losses every N steps"))
+    log_every: PositiveInt = field(
+        default=50, metadata=_help("log task shares and losses every N steps")
+    )
     sampler: str = field(
         default="proportional",
         metadata=_help(
@@ -91,10 +135,10 @@ class TrainArguments:
             "temperature, annealed, specified (see README)"
         ),
     )
-    temperature: float = field(
+    temperature: PositiveNumber = field(
         default=2.0, metadata=_help("temperature sampler: p_i ∝ n_i^(1/T) (1: proportional)")
     )
-    examples_cap: int | None = field(
+    examples_cap: PositiveInt | None = field(
         default=None,
         metadata=_help("cap each task's size at this many examples where sizes set probabilities"),
     )
@@ -102,19 +146,18 @@ class TrainArguments:
         default="static",
         metadata=_help("loss weighting: static, uncertainty, dwa, pcgrad (see README)"),
     )
-    weighting_learning_rate: float | None = field(
+    weighting_learning_rate: PositiveNumber | None = field(
         default=None,
         metadata=_help("learning rate of learned loss weights (default: --learning-rate)"),
     )
-    dwa_temperature: float = field(
+    dwa_temperature: PositiveNumber = field(
         default=2.0, metadata=_help("dwa weighting: softmax temperature")
     )
-    batch_mode: str = field(
+    batch_mode: Literal["one_task", "all_tasks"] = field(
         default="one_task",
         metadata=_help(
             "one_task: one task per micro-batch (MT-DNN); all_tasks: a batch of every task per "
-            "micro-batch (LibMTL; pcgrad needs it)",
-            choices=["one_task", "all_tasks"],
+            "micro-batch (LibMTL; pcgrad needs it)"
         ),
     )
     sharing: str = field(
@@ -124,34 +167,38 @@ class TrainArguments:
             "layers; see README)"
         ),
     )
-    sharing_layers: int = field(
+    sharing_layers: PositiveInt = field(
         default=2, metadata=_help("soft/cross_stitch/sluice: top encoder layers each task copies")
     )
-    soft_penalty: str = field(
+    soft_penalty: Literal["l2", "trace"] = field(
         default="l2",
-        metadata=_help("soft: squared L2 distance or trace norm", choices=["l2", "trace"]),
+        metadata=_help("soft: squared L2 distance or trace norm"),
     )
-    soft_weight: float = field(default=0.01, metadata=_help("soft: weight of the penalty"))
-    sluice_subspaces: int = field(default=2, metadata=_help("sluice: subspaces per layer output"))
-    orthogonality_weight: float = field(
+    soft_weight: NonNegativeNumber = field(
+        default=0.01, metadata=_help("soft: weight of the penalty")
+    )
+    sluice_subspaces: PositiveInt = field(
+        default=2, metadata=_help("sluice: subspaces per layer output")
+    )
+    orthogonality_weight: NonNegativeNumber = field(
         default=1e-4, metadata=_help("sluice: weight of the subspace orthogonality penalty")
     )
-    mixing_lr_scale: float = field(
+    mixing_lr_scale: PositiveNumber = field(
         default=100.0,
         metadata=_help("cross_stitch/sluice: mixing units learn at this x --learning-rate"),
     )
-    block_sparse: float = field(
+    block_sparse: NonNegativeNumber = field(
         default=0.0,
         metadata=_help("weight of the l1/lq block-sparse penalty on the task heads (0: off)"),
     )
-    block_sparse_q: str = field(
-        default="2", metadata=_help("block-sparse: q of the l1/lq norm", choices=["2", "inf"])
+    block_sparse_q: Annotated[Literal["2", "inf"], BeforeValidator(_word_from_yaml)] = field(
+        default="2", metadata=_help("block-sparse: q of the l1/lq norm")
     )
-    adversarial: float = field(
+    adversarial: NonNegativeNumber = field(
         default=0.0,
         metadata=_help("gradient-reversal weight of an adversarial task discriminator (0: off)"),
     )
-    affinity_every: int | None = field(
+    affinity_every: PositiveInt | None = field(
         default=None,
         metadata=_help("log task affinity (gradient cosine, lookahead) every N steps"),
     )
@@ -173,11 +220,13 @@ class TrainArguments:
             "(into OUTPUT/finetuned/<task>)"
         ),
     )
-    finetune_epochs: float = field(default=3.0, metadata=_help("epochs of each fine-tuning run"))
-    finetune_max_steps: int | None = field(
+    finetune_epochs: PositiveNumber = field(
+        default=3.0, metadata=_help("epochs of each fine-tuning run")
+    )
+    finetune_max_steps: PositiveInt | None = field(
         default=None, metadata=_help("steps of each fine-tuning run (overrides --finetune-epochs)")
     )
-    finetune_learning_rate: float | None = field(
+    finetune_learning_rate: PositiveNumber | None = field(
         default=None,
         metadata=_help("learning rate of the fine-tuning runs (default: --learning-rate)"),
     )
@@ -185,18 +234,18 @@ class TrainArguments:
         default=False,
         metadata=_help("tagging: label every sub-token of a word, not only the first"),
     )
-    checkpoint_every: int | None = field(
+    checkpoint_every: PositiveInt | None = field(
         default=None,
         metadata=_help("write a resumable checkpoint every N steps (OUTPUT/checkpoint-<step>)"),
     )
-    keep_checkpoints: int | None = field(
+    keep_checkpoints: PositiveInt | None = field(
         default=None, metadata=_help("keep only the K newest checkpoints (default: all)")
     )
     resume_from_checkpoint: str | None = field(
         default=None,
         metadata=_help("continue a run: a checkpoint folder, or 'latest' (newest in --output-dir)"),
     )
-    max_bad_steps: int = field(
+    max_bad_steps: PositiveInt = field(
         default=10,
         metadata=_help("stop after N consecutive steps whose loss is NaN/inf (each is skipped)"),
     )
@@ -210,57 +259,28 @@ class TrainArguments:
     hub_private: bool = field(default=False, metadata=_help("create the Hub repository as private"))
 
     def __post_init__(self) -> None:
-        positive = ("batch_size", "eval_batch_size", "gradient_accumulation_steps", "log_every")
-        for name in positive:
-            if getattr(self, name) <= 0:
-                raise UserError(f"--{name.replace('_', '-')}: must be positive")
-        optional = ("max_steps", "max_train_samples", "max_eval_samples", "eval_every")
-        reliability = ("checkpoint_every", "keep_checkpoints", "max_bad_steps")
-        for name in (*optional, *reliability):
-            value = getattr(self, name)
-            if value is not None and value <= 0:
-                raise UserError(f"--{name.replace('_', '-')}: must be positive")
-        if self.learning_rate <= 0:
-            raise UserError("--learning-rate: must be positive")
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        for name, value in validate_values(values, flag).items():
+            setattr(self, name, value)  # e.g. an int given for a float field becomes a float
         self._check_sampling_and_weighting()
-        self._check_sharing_and_regularizers()
+        from mtnlp.sharing import sharing_from_args
+
+        sharing_from_args(self)  # an unknown strategy raises here, before any data loads
         if self.push_to_hub:  # a bad repository id fails now, not after training
             from mtnlp.hub import check_repo_id
 
             check_repo_id(self.hub_model_id)
 
     def _check_sampling_and_weighting(self) -> None:
-        """Names, options and batch mode of the sampler and weighting, before any data loads."""
+        """Names of the sampler and weighting and the weighting's batch mode, before any data
+        loads."""
         from mtnlp.samplers import SAMPLERS
         from mtnlp.weighting import WEIGHTINGS, check_batch_mode
 
-        for name in ("temperature", "dwa_temperature", "finetune_epochs"):
-            if getattr(self, name) <= 0:
-                raise UserError(f"--{name.replace('_', '-')}: must be positive")
-        optional = ("examples_cap", "weighting_learning_rate", "finetune_max_steps")
-        for name in (*optional, "finetune_learning_rate"):
-            value = getattr(self, name)
-            if value is not None and value <= 0:
-                raise UserError(f"--{name.replace('_', '-')}: must be positive")
-        if self.batch_mode not in ("one_task", "all_tasks"):
-            raise UserError(f"--batch-mode: {self.batch_mode!r}; expected one_task or all_tasks")
-        for flag, registry in (("sampler", SAMPLERS), ("weighting", WEIGHTINGS)):
-            if getattr(self, flag) not in registry:
-                raise UserError(f"--{flag}: {registry.unknown_message(getattr(self, flag))}")
+        for name, registry in (("sampler", SAMPLERS), ("weighting", WEIGHTINGS)):
+            if getattr(self, name) not in registry:
+                raise UserError(f"{flag(name)}: {registry.unknown_message(getattr(self, name))}")
         check_batch_mode(WEIGHTINGS.get(self.weighting), self.batch_mode)
-
-    def _check_sharing_and_regularizers(self) -> None:
-        """`--sharing` and its options, block-sparse, adversarial and affinity flags."""
-        from mtnlp.sharing import sharing_from_args
-
-        sharing_from_args(self)  # an unknown strategy raises here, before any data loads
-        for name in ("soft_weight", "orthogonality_weight", "block_sparse", "adversarial"):
-            if getattr(self, name) < 0:
-                raise UserError(f"--{name.replace('_', '-')}: must be >= 0")
-        for name in ("sharing_layers", "sluice_subspaces", "mixing_lr_scale", "affinity_every"):
-            value = getattr(self, name)
-            if value is not None and value <= 0:
-                raise UserError(f"--{name.replace('_', '-')}: must be positive")
 
     @property
     def sharing_config(self) -> dict | None:
@@ -305,6 +325,7 @@ def parse_args(
 
 
 def _read_config(path: str, known: set[str]) -> dict:
+    """A config file's arguments, checked (the file and key name each bad value)."""
     try:
         data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
     except FileNotFoundError:
@@ -313,10 +334,83 @@ def _read_config(path: str, known: set[str]) -> dict:
         raise UserError(f"--config: {path}: YAML syntax error: {error}") from None
     if not isinstance(data, dict):
         raise UserError(f"{path}: expected a mapping of argument names to values")
-    data = {key.replace("-", "_"): value for key, value in data.items()}
-    unknown = sorted(set(data) - known)
+    written = {str(key).replace("-", "_"): key for key in data}  # field name -> key as written
+    unknown = sorted(set(written) - known)
     if unknown:
         raise UserError(
             f"{path}: {unknown[0]}: unknown argument; known: {', '.join(sorted(known))}"
         )
-    return data
+    values = {name: data[key] for name, key in written.items()}
+    return validate_values(values, lambda name: f"{path}: {written[name]}")
+
+
+@functools.cache
+def _field_adapters() -> dict[str, TypeAdapter]:
+    """A pydantic validator per TrainArguments field, from its annotated type (with bounds)."""
+    hints = typing.get_type_hints(TrainArguments, include_extras=True)
+    return {f.name: TypeAdapter(hints[f.name]) for f in fields(TrainArguments)}
+
+
+def validate_values(values: dict[str, Any], source: Callable[[str], str]) -> dict[str, Any]:
+    """`values` (field name -> value) checked strictly against TrainArguments' field types and
+    bounds; return them converted (an int for a float field becomes a float). Every bad value
+    is one line of the `UserError`, `source(name)` naming where it came from (the flag, or the
+    config file and key)."""
+    adapters = _field_adapters()
+    checked, problems = {}, []
+    for name, value in values.items():
+        try:
+            checked[name] = adapters[name].validate_python(value, strict=True)
+        except ValidationError as error:
+            problems.append(f"{source(name)}: {_problem(error.errors()[0])}")
+    if problems:
+        raise UserError("\n".join(problems))
+    return checked
+
+
+EXPECTED = {
+    "int_type": "an integer",
+    "float_type": "a number",
+    "bool_type": "true or false",
+    "string_type": "a string",
+    "list_type": "a list",
+}
+BOUNDS = {
+    "greater_than": ("gt", "must be > {}"),
+    "greater_than_equal": ("ge", "must be >= {}"),
+    "less_than_equal": ("le", "must be <= {}"),
+}
+
+
+def _problem(error: dict[str, Any]) -> str:
+    """One pydantic error in the words of the flags: `must be positive, got 0`, `expected an
+    integer, got 10.7`; an item of a list is named by its position."""
+    kind, value = error["type"], error["input"]
+    item = "".join(f"item {index}: " for index in error["loc"])
+    if kind == "finite_number":
+        return f"{item}must be a finite number, got {_shown(value)}"
+    if kind in BOUNDS:
+        key, text = BOUNDS[kind]
+        bound = error["ctx"][key]
+        text = "must be positive" if kind == "greater_than" and bound == 0 else text
+        return f"{item}{text.format(_compact(bound))}, got {_compact(value)}"
+    if kind == "literal_error":
+        return f"{item}expected {error['ctx']['expected']}, got {_shown(value)}"
+    expected = EXPECTED.get(kind)
+    if expected is None:  # no other kind comes from these field types; a generic line anyway
+        return f"{item}{error['msg']}, got {_shown(value)}"
+    return f"{item}expected {expected}, got {_shown(value)}"
+
+
+def _shown(value: Any) -> str:
+    """A value as a YAML file or a command line would write it."""
+    if value is None or isinstance(value, bool):
+        return yaml.safe_dump(value).split("\n")[0]  # null, true, false
+    return repr(value) if isinstance(value, str) else str(value)
+
+
+def _compact(number: Any) -> str:
+    """A number for a bound message: 0 rather than 0.0."""
+    if isinstance(number, float) and number.is_integer():
+        return str(int(number))
+    return str(number)

@@ -28,7 +28,8 @@ def exit_on_user_error(main: F) -> F:
         try:
             return main(*args, **kwargs)
         except UserError as error:
-            print(f"error: {error}", file=sys.stderr)
+            for line in str(error).splitlines():  # several problems: one line each
+                print(f"error: {line}", file=sys.stderr)
             sys.exit(USER_ERROR_EXIT_CODE)
 
     return wrapper  # type: ignore[return-value]

@@ -77,6 +77,7 @@ class SharingStrategy(nn.Module):
     name: ClassVar[str]
     columns: ClassVar[bool] = False  # per-task top layers: the model's encode() delegates here
     DEFAULTS: ClassVar[dict[str, Any]] = {}
+    SHAPE: ClassVar[tuple[str, ...]] = ()  # the options that shape the strategy's parameters
 
     def __init__(self, encoder: nn.Module, tasks: list[str], options: dict[str, Any]) -> None:
         super().__init__()
@@ -85,6 +86,29 @@ class SharingStrategy(nn.Module):
 
     def load_from_encoder(self, encoder: nn.Module) -> None:
         """Start any per-task parameters from the (pretrained) encoder's weights."""
+
+    def inherit(self, trained: SharingStrategy) -> None:
+        """Start from the strategy of a trained model (`--model` a trained mtnlp model, as in
+        MT-DNN's fine-tuning stage) for the tasks both know; the others keep their start. A
+        trained model's task columns fit only the same strategy and shape: anything else would
+        drop them silently, so it is refused."""
+        if trained.columns and (
+            trained.name != self.name
+            or any(trained.options[option] != self.options[option] for option in self.SHAPE)
+        ):
+            raise UserError(
+                f"--sharing: --model was trained with {trained.flags()}, this run asks for "
+                f"{self.flags()}; give the same flags to keep its task columns"
+            )
+
+    def flags(self) -> str:
+        """The flags that choose this strategy and its shape, e.g. `--sharing soft
+        --sharing-layers 2`."""
+        flag_of = {option: flag for flag, option in FLAG_OPTIONS.items()}
+        shape = (
+            f"--{flag_of[option].replace('_', '-')} {self.options[option]}" for option in self.SHAPE
+        )
+        return " ".join([f"--sharing {self.name}", *shape])
 
     def regularization_loss(self) -> Tensor | float:
         """The strategy's weighted penalty to add to the training loss (0 when it has none)."""
@@ -135,6 +159,7 @@ class ColumnSharing(SharingStrategy):
     columns = True
     mixes_tasks: ClassVar[bool] = False  # every task's column runs on every batch
     DEFAULTS: ClassVar[dict[str, Any]] = {"layers": 2}
+    SHAPE: ClassVar[tuple[str, ...]] = ("layers",)
 
     def __init__(self, encoder: nn.Module, tasks: list[str], options: dict[str, Any]) -> None:
         super().__init__(encoder, tasks, options)
@@ -155,6 +180,15 @@ class ColumnSharing(SharingStrategy):
         top = bert_layers(encoder, self.name)[self.bottom :].state_dict()
         for column in self.column.values():
             column.load_state_dict(top)
+
+    def inherit(self, trained: SharingStrategy) -> None:
+        """A task the trained model knows keeps its trained column (from a hard-sharing model,
+        columns start from its encoder's top layers, as `load_from_encoder` did)."""
+        super().inherit(trained)
+        if trained.columns:
+            for task in self.tasks:
+                if task in trained.tasks:
+                    self.column[task].load_state_dict(trained.column[task].state_dict())
 
     def encode(
         self, encoder: nn.Module, layers: dict[str, int], inputs: dict[str, Tensor]
@@ -261,6 +295,32 @@ def near_identity(size: int, diagonal: float) -> Tensor:
     return torch.full((size, size), off) + (diagonal - off) * torch.eye(size)
 
 
+def carry_mixing(
+    start: Tensor, trained: Tensor, tasks: list[str], trained_tasks: list[str], block: int = 1
+) -> Tensor:
+    """Mixing matrices for `tasks`, (layers, T * block, T * block) like `start`, from trained ones
+    over `trained_tasks`, each entry a (block x block) block (sluice's subspaces; 1: cross-stitch).
+
+    Entries between tasks both know are kept. A task's draw from a task this model lacks (its
+    column is gone) is added to its draw from itself: the missing states are replaced by the
+    task's own. That keeps the task's outputs exactly while the columns agree (as they do at the
+    start, and nearly so when mixing ties them), where dropping the draw would scale them by the
+    diagonal alone (about 0.9). So MT-DNN's one-task fine-tuning stage starts with the sum of the
+    task's trained row. Entries with a task the trained model lacks keep their `start`.
+    """
+    layers, size, old_size = start.shape[0], len(tasks), len(trained_tasks)
+    old = trained.detach().view(layers, old_size, block, old_size, block)
+    new = start.detach().clone().view(layers, size, block, size, block)
+    kept = [task for task in tasks if task in trained_tasks]
+    gone = [i for i, task in enumerate(trained_tasks) if task not in tasks]
+    for task in kept:
+        row, old_row = tasks.index(task), trained_tasks.index(task)
+        for other in kept:
+            new[:, row, :, tasks.index(other)] = old[:, old_row, :, trained_tasks.index(other)]
+        new[:, row, :, row] += old[:, old_row][:, :, gone].sum(2)
+    return new.view_as(start)
+
+
 @SHARING.register("cross_stitch")
 class CrossStitchSharing(ColumnSharing):
     """Task columns joined after each layer by a cross-stitch unit (Misra et al. 2016): task t's
@@ -282,6 +342,15 @@ class CrossStitchSharing(ColumnSharing):
         mixed = torch.einsum("ts,sbnh->tbnh", self.stitch[depth - 1].to(stacked.dtype), stacked)
         return dict(zip(self.tasks, mixed.unbind(0), strict=True))
 
+    @torch.no_grad()
+    def inherit(self, trained: SharingStrategy) -> None:
+        """The units between the tasks both know, with what a task drew from tasks this model
+        lacks folded into its own entry (`carry_mixing`): with one task, the 1 x 1 unit is the
+        sum of the task's trained row."""
+        super().inherit(trained)
+        if isinstance(trained, CrossStitchSharing):
+            self.stitch.copy_(carry_mixing(self.stitch, trained.stitch, self.tasks, trained.tasks))
+
     def mixing_parameters(self) -> list[nn.Parameter]:
         return [self.stitch]
 
@@ -298,6 +367,7 @@ class SluiceSharing(ColumnSharing):
 
     name = "sluice"
     mixes_tasks = True
+    SHAPE: ClassVar[tuple[str, ...]] = ("layers", "subspaces")
     DEFAULTS: ClassVar[dict[str, Any]] = {
         "layers": 2,
         "subspaces": 2,
@@ -352,6 +422,18 @@ class SluiceSharing(ColumnSharing):
     def regularization_loss(self) -> Tensor | float:
         penalty, self._penalty = self._penalty, 0.0
         return self.options["orthogonality_weight"] * penalty
+
+    @torch.no_grad()
+    def inherit(self, trained: SharingStrategy) -> None:
+        """Alphas as cross-stitch units of K x K blocks (`carry_mixing`: with one task, alpha is
+        the sum of the task's row of blocks); a task the trained model knows keeps its betas."""
+        super().inherit(trained)
+        if isinstance(trained, SluiceSharing):
+            k = self.options["subspaces"]
+            self.alpha.copy_(carry_mixing(self.alpha, trained.alpha, self.tasks, trained.tasks, k))
+            for task in self.tasks:
+                if task in trained.tasks:
+                    self.beta[self.tasks.index(task)] = trained.beta[trained.tasks.index(task)]
 
     def mixing_parameters(self) -> list[nn.Parameter]:
         return [self.alpha, self.beta]

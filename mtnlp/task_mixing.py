@@ -107,10 +107,20 @@ def backward(
 def average_gradients(parameters: Iterable[torch.nn.Parameter], accelerator: Accelerator) -> None:
     """Average `.grad` over processes, for parameters DDP does not sync: the loss weighting's
     (kept out of DDP) and, in all_tasks mode (several forwards per backward, run under
-    `no_sync`), the model's. A missing gradient counts as zero, so every rank reduces alike."""
+    `no_sync`), the model's.
+
+    As in one process, a parameter that no process gave a gradient (a head or task layer unused
+    in this step) keeps `grad=None`, so AdamW skips it: no weight decay, no momentum step. Which
+    parameters have a gradient is agreed first (a flag per parameter, summed over processes); a
+    gradient that only some processes have counts as zero on the others."""
     if accelerator.num_processes == 1:
         return
     params = [p for p in parameters if p.requires_grad]
+    if not params:
+        return
+    has_grad = torch.tensor([p.grad is not None for p in params], device=params[0].device)
+    touched = accelerator.reduce(has_grad.float(), reduction="sum").tolist()
+    params = [p for p, count in zip(params, touched, strict=True) if count > 0]
     if not params:
         return
     for p in params:

@@ -159,7 +159,9 @@ def initial_model(
 ) -> MultiTaskModel:
     """The model to train: new heads on a pretrained encoder, or, when `--model` is a trained
     mtnlp model (MT-DNN's fine-tuning stage), its encoder and the weights of the tasks it knows
-    (other tasks' weights are dropped, new tasks start fresh); `sharing`: see sharing.py."""
+    (other tasks' weights are dropped, new tasks start fresh); `sharing`: see sharing.py. The
+    strategy carries its own weights over (`SharingStrategy.inherit`): task columns, and mixing
+    units cut down to the tasks kept."""
     if not isinstance(pretrained, MultiTaskModel):
         return MultiTaskModel.from_encoder(pretrained, specs, sharing)
     model = MultiTaskModel.from_encoder(pretrained.encoder, specs, sharing)
@@ -172,12 +174,17 @@ def initial_model(
                     "its card has"
                 )
     target = model.state_dict()
-    kept = {key: value for key, value in pretrained.state_dict().items() if key in target}
+    kept = {
+        key: value
+        for key, value in pretrained.state_dict().items()
+        if key in target and not key.startswith("sharing.")  # the strategy's: inherit() below
+    }
     try:
         model.load_state_dict(kept, strict=False)
     except RuntimeError as error:  # same task, other head options: shapes differ
         reason = " ".join(str(error).split())
         raise UserError(f"--model: its task weights do not fit the cards ({reason})") from None
+    model.sharing.inherit(pretrained.sharing)
     return model
 
 

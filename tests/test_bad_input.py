@@ -197,7 +197,7 @@ CASES = [
     Case(
         "max-bad-steps-not-positive",
         lambda case: None,
-        "--max-bad-steps: must be positive",
+        "--max-bad-steps: must be positive, got 0",
         ("--max-bad-steps", "0"),
     ),
     # ---------------------------------------------------------------- output folder
@@ -346,3 +346,90 @@ def test_cards_check_lists_every_broken_card(tiny_tasks, tmp_path):
         f"{tmp_path}/cards/tag.yaml: type: unknown task type 'tags'; known: "
         f"{', '.join(HEADS.names())}",
     ]
+
+
+# ------------------------------------------------------------------------------ arguments (#11)
+def no_setup(case: Path) -> None:
+    """The tiny tasks as they are: the flags are the bad input."""
+
+
+def config(text: str) -> Callable[[Path], object]:
+    """A `--config` file `run.yaml` in the case folder (pass `--config {case}/run.yaml`)."""
+    return write("run.yaml", text)
+
+
+CONFIG = ("--config", "{case}/run.yaml")
+HARDENING_ARGS_CASES = [
+    # ---------------------------------------------------------------- config values
+    Case("config-int-got-float", config("max_steps: 10.7\n"),
+         "{case}/run.yaml: max_steps: expected an integer, got 10.7", CONFIG),
+    Case("config-int-got-string", config("batch-size: '8'\n"),
+         "{case}/run.yaml: batch-size: expected an integer, got '8'", CONFIG),
+    Case("config-float-got-word", config("learning_rate: fast\n"),
+         "{case}/run.yaml: learning_rate: expected a number, got 'fast'", CONFIG),
+    Case("config-float-got-bool", config("weight_decay: true\n"),
+         "{case}/run.yaml: weight_decay: expected a number, got true", CONFIG),
+    Case("config-null-for-a-number", config("seed: null\n"),
+         "{case}/run.yaml: seed: expected an integer, got null", CONFIG),
+    Case("config-epochs-zero", config("epochs: 0\n"),
+         "{case}/run.yaml: epochs: must be positive, got 0", CONFIG),
+    Case("config-learning-rate-nan", config("learning_rate: .nan\n"),
+         "{case}/run.yaml: learning_rate: must be a finite number, got nan", CONFIG),
+    Case("config-warmup-ratio-above-1", config("warmup-ratio: 2\n"),
+         "{case}/run.yaml: warmup-ratio: must be <= 1, got 2", CONFIG),
+    Case("config-bool-got-string", config("keep_best: 'yes'\n"),
+         "{case}/run.yaml: keep_best: expected true or false, got 'yes'", CONFIG),
+    Case("config-not-a-choice", config("batch_mode: both\n"),
+         "{case}/run.yaml: batch_mode: expected 'one_task' or 'all_tasks', got 'both'", CONFIG),
+    Case("config-list-got-string", config("data_dir: data\n"),
+         "{case}/run.yaml: data_dir: expected a list, got 'data'", CONFIG),
+    Case("config-list-item-not-a-string", config("cards: [cards, 3]\n"),
+         "{case}/run.yaml: cards: item 1: expected a string, got 3", CONFIG),
+    Case("config-two-bad-values", config("max_steps: 10.7\nseed: -1\n"),
+         "{case}/run.yaml: max_steps: expected an integer, got 10.7\n"
+         "{case}/run.yaml: seed: must be >= 0, got -1", CONFIG),
+    # ---------------------------------------------------------------- flags
+    Case("epochs-zero", no_setup, "--epochs: must be positive, got 0", ("--epochs", "0")),
+    Case("epochs-negative", no_setup, "--epochs: must be positive, got -1",
+         ("--epochs", "-1")),
+    Case("seed-negative", no_setup, "--seed: must be >= 0, got -1", ("--seed", "-1")),
+    Case("seed-above-32-bits", no_setup, "--seed: must be <= 4294967295, got 4294967296",
+         ("--seed", "4294967296")),
+    Case("learning-rate-nan", no_setup, "--learning-rate: must be a finite number, got nan",
+         ("--learning-rate", "nan")),
+    Case("learning-rate-zero", no_setup, "--learning-rate: must be positive, got 0",
+         ("--learning-rate", "0")),
+    Case("weight-decay-negative", no_setup, "--weight-decay: must be >= 0, got -0.01",
+         ("--weight-decay", "-0.01")),
+    Case("warmup-ratio-above-1", no_setup, "--warmup-ratio: must be <= 1, got 1.5",
+         ("--warmup-ratio", "1.5")),
+    Case("warmup-ratio-negative", no_setup, "--warmup-ratio: must be >= 0, got -0.1",
+         ("--warmup-ratio", "-0.1")),
+    Case("max-grad-norm-negative", no_setup, "--max-grad-norm: must be >= 0, got -1",
+         ("--max-grad-norm", "-1")),
+    Case("max-grad-norm-nan", no_setup, "--max-grad-norm: must be a finite number, got nan",
+         ("--max-grad-norm", "nan")),
+    Case("finetune-learning-rate-inf", no_setup,
+         "--finetune-learning-rate: must be a finite number, got inf",
+         ("--finetune-learning-rate", "inf")),
+    Case("soft-weight-negative", no_setup, "--soft-weight: must be >= 0, got -1",
+         ("--soft-weight", "-1")),
+]  # fmt: skip
+
+BY_ARGS_ID = {case.id: case for case in HARDENING_ARGS_CASES}
+
+
+@pytest.mark.parametrize("case", HARDENING_ARGS_CASES, ids=[c.id for c in HARDENING_ARGS_CASES])
+def test_bad_argument_gives_its_exact_error(case, tiny_tasks, tmp_path):
+    flags, expected = prepare(case, tiny_tasks, tmp_path)
+    with pytest.raises(UserError) as error:
+        parse_args(flags)  # before anything loads or any folder is made
+    assert str(error.value) == expected
+    assert not (tmp_path / "out").exists()
+
+
+def test_bad_config_value_exits_2_with_one_error_line_each(tiny_tasks, tmp_path):
+    flags, expected = prepare(BY_ARGS_ID["config-two-bad-values"], tiny_tasks, tmp_path)
+    result = run([*CLI_TRAIN, *flags])
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert result.stderr.strip().splitlines() == [f"error: {line}" for line in expected.split("\n")]

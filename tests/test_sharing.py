@@ -21,11 +21,13 @@ from mtnlp.regularizers import (
 )
 from mtnlp.sharing import (
     SHARING,
+    carry_mixing,
     l2_distance_penalty,
     orthogonality_penalty,
     resolve_sharing,
     trace_norm_penalty,
 )
+from mtnlp.training import initial_model
 
 from conftest import TINY_TASKS
 
@@ -312,6 +314,69 @@ def test_affinity_matrices_and_heat_map(inputs, tmp_path):
     assert path == tmp_path / AFFINITY_PLOT
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert write_heatmap(tmp_path / "none", [{"step": 1, "loss": {}}]) is None
+
+
+# ------------------------------------------------------------------------------ one task of many
+def test_carry_mixing_keeps_known_entries_and_folds_the_dropped_tasks():
+    trained = torch.arange(1.0, 19.0).view(2, 3, 3)  # 2 layers, tasks a, b, c
+    start = torch.full((2, 2, 2), -1.0)
+    got = carry_mixing(start, trained, ["b", "new"], ["a", "b", "c"])
+    assert got[:, 0, 0].tolist() == [4 + 5 + 6, 13 + 14 + 15]  # b's row: a and c fold into b
+    assert got[:, 0, 1].tolist() == [-1, -1] and got[:, 1].flatten().tolist() == [-1] * 4
+    assert carry_mixing(start, trained, ["c", "a"], ["a", "b", "c"])[0].tolist() == [
+        [9 + 8, 7],  # c <- c (+ b, gone), c <- a
+        [3, 1 + 2],  # a <- c, a <- a (+ b)
+    ]
+    blocks = torch.arange(1.0, 17.0).view(1, 4, 4)  # sluice: 2 tasks of 2 x 2 blocks
+    folded = carry_mixing(torch.zeros(1, 2, 2), blocks, ["b"], ["a", "b"], block=2)
+    assert folded[0].tolist() == [[11 + 9, 12 + 10], [15 + 13, 16 + 14]]
+
+
+@pytest.mark.parametrize("strategy", ["cross_stitch", "sluice"])
+def test_a_one_task_model_of_a_trained_mixing_model_computes_the_same(strategy, inputs):
+    trained = build(strategy, layers=1).eval()
+    with torch.no_grad():  # trained mixing units: rows no longer sum to 1
+        for parameter in trained.sharing.mixing_parameters():
+            parameter.copy_(torch.rand_like(parameter))
+    alone = initial_model(trained, [TINY_TASKS[2]], trained.config.sharing).eval()
+    assert alone.config.task_names == ["tag"]
+    with torch.no_grad():  # one column layer: every column's states agree, so no loss at all
+        expected = trained(task="tag", **inputs).logits
+        assert torch.allclose(alone(task="tag", **inputs).logits, expected, atol=1e-5)
+    if strategy == "sluice":
+        assert torch.equal(alone.sharing.beta[0], trained.sharing.beta[2])
+
+
+@pytest.mark.parametrize("strategy", ["soft", "cross_stitch", "sluice"])
+def test_a_trained_column_model_keeps_its_columns_only_with_the_same_sharing(strategy):
+    trained = build(strategy)
+    with torch.no_grad():
+        for parameter in trained.sharing.parameters():
+            parameter.add_(torch.rand_like(parameter))
+    alone = initial_model(trained, [TINY_TASKS[1]], trained.config.sharing)
+    expected = trained.sharing.column["reg"].state_dict()
+    assert all(
+        torch.equal(v, expected[k]) for k, v in alone.sharing.column["reg"].state_dict().items()
+    )
+    shape = " --sluice-subspaces 2" if strategy == "sluice" else ""
+    with pytest.raises(UserError) as error:
+        initial_model(trained, [TINY_TASKS[1]], {"name": strategy, "layers": 1})
+    assert str(error.value) == (
+        f"--sharing: --model was trained with --sharing {strategy} --sharing-layers 2{shape}, "
+        f"this run asks for --sharing {strategy} --sharing-layers 1{shape}; give the same flags "
+        "to keep its task columns"
+    )
+    with pytest.raises(UserError, match="this run asks for --sharing hard; give the same"):
+        initial_model(trained, [TINY_TASKS[1]], None)
+
+
+def test_a_column_model_starts_from_a_trained_hard_model():
+    trained = build("hard")
+    model = initial_model(trained, TINY_TASKS[:2], {"name": "cross_stitch"})
+    top = trained.encoder.encoder.layer[1:].state_dict()
+    column = model.sharing.column["cls"].state_dict()
+    assert all(torch.equal(column[name], top[name]) for name in top)
+    assert torch.allclose(model.sharing.stitch[0], torch.tensor([[0.9, 0.1], [0.1, 0.9]]))
 
 
 # ------------------------------------------------------------------------------ training run
