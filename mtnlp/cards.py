@@ -221,32 +221,6 @@ class TaskCard(_Strict):
         return value
 
     @model_validator(mode="after")
-    def _fits_type(self) -> TaskCard:
-        """Inputs and metrics that the task type can use; a main metric its metrics produce."""
-        if HEADS.get(self.type).token_level and len(self.inputs) != 1:
-            raise ValueError(
-                f"inputs: a {self.type} task reads one column of words, not {len(self.inputs)}"
-            )
-        num_labels = len(self.labels) if self.labels else None
-        for name in self.metrics:
-            try:
-                check_metric_fits(name, self.name, self.type, num_labels)
-            except ValueError as error:
-                raise ValueError(f"metrics: {error}") from None
-        if self.main_metric == []:
-            raise ValueError("main_metric: give a result name or a non-empty list of them")
-        keys = result_keys(self.metrics)
-        if any(map(is_evaluate_module, self.metrics)):
-            keys = None  # an evaluate module's result names are known only when it runs
-        for key in self._main_metric_list() or ():
-            if keys is not None and key not in keys:
-                raise ValueError(
-                    f"main_metric: {key!r} is not a result of the card's metrics "
-                    f"({', '.join(keys)})"
-                )
-        return self
-
-    @model_validator(mode="after")
     def _labels_match_type(self) -> TaskCard:
         head = HEADS.get(self.type)
         if head.needs_labels and not self.labels:
@@ -268,6 +242,32 @@ class TaskCard(_Strict):
             raise ValueError("stack_on: a task cannot stack on itself")
         if self.successive_regularization > 0 and self.stack_on is None:
             raise ValueError("successive_regularization: needs stack_on (the task it is pulled to)")
+        return self
+
+    @model_validator(mode="after")
+    def _fits_type(self) -> TaskCard:
+        """Inputs and metrics that the task type can use; a main metric its metrics produce."""
+        if HEADS.get(self.type).token_level and len(self.inputs) != 1:
+            raise ValueError(
+                f"inputs: a {self.type} task reads one column of words, not {len(self.inputs)}"
+            )
+        num_labels = len(self.labels) if self.labels else None
+        for name in self.metrics:
+            try:
+                check_metric_fits(name, self.name, self.type, num_labels)
+            except ValueError as error:
+                raise ValueError(f"metrics: {error}") from None
+        if self.main_metric == []:
+            raise ValueError("main_metric: give a result name or a non-empty list of them")
+        if any(map(is_evaluate_module, self.metrics)):
+            return self  # an evaluate module's result names are known only when it runs
+        keys = result_keys(self.metrics)
+        unknown = [key for key in self._main_metric_list() or () if key not in keys]
+        if unknown:
+            raise ValueError(
+                f"main_metric: {unknown[0]!r} is not a result of the card's metrics "
+                f"({', '.join(keys)})"
+            )
         return self
 
     @property

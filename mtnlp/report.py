@@ -54,9 +54,9 @@ def dev_series(
     series: Series = {}
     for record in history:
         for task, metrics in record.get("eval", {}).items():
-            if not metrics:
-                continue
             main = main_metrics[task] or list(metrics)[:1]
+            if not main or not set(main) <= set(metrics):
+                continue  # no results, or an evaluate module's lack it (selection refuses them)
             name = main[0] if len(main) == 1 else f"mean of {', '.join(main)}"
             steps, values = series.setdefault(f"{task} ({name})", ([], []))
             steps.append(record["step"])

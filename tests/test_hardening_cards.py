@@ -25,6 +25,7 @@ from mtnlp.metrics import (
     main_metrics,
     main_score,
 )
+from mtnlp.report import dev_series
 from mtnlp.selection import BestCheckpoint, dev_score
 
 from conftest import REPO
@@ -115,6 +116,9 @@ def test_main_metric_must_be_a_result_of_the_metrics():
     with pytest.raises(UserError) as error:
         main_score({"other": 0.5}, ["score"], "t")
     assert str(error.value) == "task t: main_metric: 'score' is not among its dev results (other)"
+    history = [{"step": 1, "eval": {"t": {"other": 0.5}}}]
+    assert dev_series(history, {"t": ["score"]}) == {}  # the report draws no point for it
+    assert dev_series(history, {"t": None}) == {"t (other)": ([1], [0.5])}  # the first result
 
 
 SEQEVAL_RESULTS = {  # a tagger that predicts few entities: precise, but low recall and F1
