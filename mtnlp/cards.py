@@ -7,9 +7,10 @@ A card is read with `yaml.safe_load` and validated by a pydantic schema. Every m
 
 from __future__ import annotations
 
+import codecs
 import re
 from collections.abc import Iterable
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any, Literal, get_args
 
 import yaml
@@ -27,6 +28,13 @@ from pydantic import (
 from mtnlp.errors import UserError
 from mtnlp.heads import HEADS
 from mtnlp.hierarchy import TASK_LAYERS, check_stacking
+from mtnlp.metrics import (
+    check_metric_fits,
+    check_metric_name,
+    default_main_metric,
+    is_evaluate_module,
+    result_keys,
+)
 
 LOCAL_FORMATS = ("tsv", "csv", "json", "conll", "conllu")
 
@@ -35,6 +43,7 @@ EXPECTED = {
     "labels": "a list of strings",
     "inputs": "a list of one or two column names",
     "metrics": "a list of metric names",
+    "main_metric": "a result name or a list of result names",
     "eval_splits": "a list of split names",
     "column_names": "a list of column names",
     "files": "a mapping of split name to file path",
@@ -70,6 +79,32 @@ class LocalSource(_Strict):
         default_factory=dict, description="card column -> file column, where they differ"
     )
     encoding: str = Field("utf-8-sig", description="text encoding (utf-8-sig also drops a BOM)")
+
+    @field_validator("encoding")
+    @classmethod
+    def _known_encoding(cls, value: str) -> str:
+        try:
+            codecs.lookup(value)
+        except LookupError:
+            raise ValueError(f"unknown text encoding {value!r}") from None
+        return value
+
+    @model_validator(mode="after")
+    def _files_inside_data_dir(self) -> LocalSource:
+        """Data paths stay inside the `--data-dir` folders: no absolute paths, no `..`."""
+        for split, file in self.files.items():
+            paths = (PurePosixPath(file), PureWindowsPath(file))
+            if any(path.anchor for path in paths):  # a root, or a Windows drive
+                raise ValueError(
+                    f"files.{split}: {file!r} is an absolute path; give a path relative to "
+                    "--data-dir"
+                )
+            if any(".." in path.parts for path in paths):
+                raise ValueError(
+                    f"files.{split}: {file!r} leaves the --data-dir folder ('..'); give a path "
+                    "inside it"
+                )
+        return self
 
     @model_validator(mode="after")
     def _needs_column_names(self) -> LocalSource:
@@ -139,6 +174,10 @@ class TaskCard(_Strict):
     label_column: str = Field("label", description="column holding the target")
     labels: list[str] | None = Field(None, description="label names (classification, tagging)")
     metrics: list[str] = Field(min_length=1, description="metric names, e.g. accuracy, f1")
+    main_metric: str | list[str] | None = Field(
+        None,
+        description="the result that ranks dev results (a list: their mean); default by task",
+    )
     head: HeadOptions = Field(default_factory=HeadOptions, description="head options")
     layer: int = Field(-1, description="encoder layer the head reads (negative: from the top)")
     stack_on: str | None = Field(
@@ -177,8 +216,6 @@ class TaskCard(_Strict):
     @field_validator("metrics")
     @classmethod
     def _known_metrics(cls, value: list[str]) -> list[str]:
-        from mtnlp.metrics import check_metric_name
-
         for name in value:
             check_metric_name(name)
         return value
@@ -207,6 +244,32 @@ class TaskCard(_Strict):
             raise ValueError("successive_regularization: needs stack_on (the task it is pulled to)")
         return self
 
+    @model_validator(mode="after")
+    def _fits_type(self) -> TaskCard:
+        """Inputs and metrics that the task type can use; a main metric its metrics produce."""
+        if HEADS.get(self.type).token_level and len(self.inputs) != 1:
+            raise ValueError(
+                f"inputs: a {self.type} task reads one column of words, not {len(self.inputs)}"
+            )
+        num_labels = len(self.labels) if self.labels else None
+        for name in self.metrics:
+            try:
+                check_metric_fits(name, self.name, self.type, num_labels)
+            except ValueError as error:
+                raise ValueError(f"metrics: {error}") from None
+        if self.main_metric == []:
+            raise ValueError("main_metric: give a result name or a non-empty list of them")
+        if any(map(is_evaluate_module, self.metrics)):
+            return self  # an evaluate module's result names are known only when it runs
+        keys = result_keys(self.metrics)
+        unknown = [key for key in self._main_metric_list() or () if key not in keys]
+        if unknown:
+            raise ValueError(
+                f"main_metric: {unknown[0]!r} is not a result of the card's metrics "
+                f"({', '.join(keys)})"
+            )
+        return self
+
     @property
     def path(self) -> Path | None:
         """The YAML file this card was read from (None for cards built in code)."""
@@ -216,6 +279,16 @@ class TaskCard(_Strict):
     def where(self) -> str:
         """How error messages name this card: its file, or its task name."""
         return str(self._path) if self._path is not None else f"task {self.name}"
+
+    def _main_metric_list(self) -> list[str] | None:
+        if self.main_metric is None:
+            return None
+        return [self.main_metric] if isinstance(self.main_metric, str) else self.main_metric
+
+    def resolved_main_metric(self) -> list[str] | None:
+        """The result names whose mean ranks dev results: the card's `main_metric`, else the
+        default for its metrics (`metrics.default_main_metric`)."""
+        return self._main_metric_list() or default_main_metric(self.metrics)
 
     def resolved_task_layer(self) -> dict[str, Any] | None:
         """The task layer's options: a stacked task without `task_layer` gets the defaults."""
@@ -235,6 +308,7 @@ class TaskCard(_Strict):
             "head": self.head.model_dump(),
             "inputs": self.inputs,
             "metrics": self.metrics,
+            "main_metric": self.resolved_main_metric(),
         }
 
     def to_yaml(self) -> str:
@@ -267,7 +341,7 @@ def _describe(error: dict[str, Any]) -> tuple[str, str]:
         return ".".join(loc[: loc.index(top) + 1]), f"expected {EXPECTED[top]}"
     message = error["msg"].removeprefix("Value error, ")
     # validators of a whole (sub-)model start their message with the field they are about
-    named = re.match(r"^([a-z_]+(?:\.[a-z_]+)*): (.*)$", message)
+    named = re.match(r"^([a-z_]+(?:\.[\w-]+)*): (.*)$", message)
     if named and named[1].split(".")[0] in {*TaskCard.model_fields, *LocalSource.model_fields}:
         field = named[1] if field == "(card)" else f"{field}.{named[1]}"
         message = named[2]

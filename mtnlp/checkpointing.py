@@ -35,7 +35,7 @@ MODEL_FILE = "model.safetensors"
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 _STAGING = ".checkpoint-{step}.tmp"
 # model metadata that may change between a checkpoint and its resumed run
-_FREE_SPEC_KEYS = {"metrics", "description"}
+_FREE_SPEC_KEYS = {"metrics", "main_metric", "description"}
 
 
 # ------------------------------------------------------------------------------ finding

@@ -14,6 +14,7 @@ import functools
 import logging
 import math
 import os
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +39,7 @@ logger = logging.getLogger(__name__)
 
 CONLLU_COLUMNS = ["id", "form", "lemma", "upos", "xpos", "feats", "head", "deprel", "deps", "misc"]
 MODEL_COLUMNS = ("input_ids", "attention_mask", "token_type_ids", "labels")
+MISSING = "the value is missing or null"
 
 
 @dataclass
@@ -51,11 +53,18 @@ class TaskData:
 
 # ------------------------------------------------------------------------------ reading
 def resolve_file(card: TaskCard, split: str, data_dirs: Sequence[Path]) -> Path:
-    """The local file of `split`: the first `--data-dir` that holds the card's relative path."""
+    """The local file of `split`: the first `--data-dir` that holds the card's relative path.
+    It must stay inside that folder once symbolic links are followed (cards refuse `..` and
+    absolute paths already)."""
     relative = card.source.local.files[split]
     for folder in data_dirs:
         candidate = Path(folder) / relative
         if candidate.is_file():
+            if not candidate.resolve().is_relative_to(Path(folder).resolve()):
+                raise UserError(
+                    f"{card.where}: source.local.files.{split}: {candidate} leads outside "
+                    f"--data-dir {folder} (through a symbolic link); refusing to read it"
+                )
             return candidate
     looked = ", ".join(str(folder) for folder in data_dirs)
     raise UserError(f"{card.where}: {split} data file not found: {relative} (looked in {looked})")
@@ -83,10 +92,40 @@ def _reader_kwargs(local: LocalSource, path: Path) -> tuple[str, dict[str, Any]]
             kwargs["column_names"] = names
         return "csv", kwargs
     if local.format == "json":
-        return "json", {}
+        return "json", {"encoding": local.encoding}
     if local.format == "conllu":
-        return "conll", {"column_names": CONLLU_COLUMNS, "delimiter": "\t", "comment_prefix": "#"}
-    return "conll", {"column_names": local.column_names}
+        return "conll", {
+            "column_names": CONLLU_COLUMNS,
+            "delimiter": "\t",
+            "comment_prefix": "#",
+            "encoding": local.encoding,
+        }
+    return "conll", {"column_names": local.column_names, "encoding": local.encoding}
+
+
+def clip(text: str, limit: int = 40) -> str:
+    """`text`, cut to `limit` characters with an ellipsis: error messages quote a value from a
+    data file only as far as it helps find it, never a whole (possibly private) row."""
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _no_content(error: BaseException) -> str:
+    """A parser's error message safe to show: its first line, quoted text (which may be the
+    file's content) replaced by '…', clipped; the line/row/position numbers it gives remain."""
+    first = str(error).strip().split("\n", 1)[0] or type(error).__name__
+    return clip(re.sub(r"'[^']*'|\"[^\"]*\"", "'…'", first), 120)
+
+
+def _undecodable_at(path: Path, encoding: str) -> tuple[int, int]:
+    """(line, byte offset) of the first bytes of `path` that are not `encoding` text, both from
+    the file's start: the readers decode in chunks and report offsets inside a chunk. Reads the
+    whole file, so only for the error message."""
+    data = path.read_bytes()
+    try:
+        data.decode(encoding)
+    except UnicodeDecodeError as error:
+        return data[: error.start].decode(encoding).count("\n") + 1, error.start
+    raise ValueError(f"{path} is valid {encoding} text")  # the reader failed on other bytes
 
 
 def _root_cause(error: BaseException) -> BaseException:
@@ -113,11 +152,12 @@ def _read_local_file(card: TaskCard, path: Path, split: str) -> datasets.Dataset
     except Exception as error:  # datasets wraps parser errors in several types
         cause = _root_cause(error)
         if isinstance(cause, UnicodeDecodeError):
-            reason = f"not valid {card.source.local.encoding} text (byte {cause.start})"
+            line, byte = _undecodable_at(path, card.source.local.encoding)
+            reason = f"line {line}: not valid {card.source.local.encoding} text (byte {byte})"
         elif _holds_no_rows(path, card.source.local):  # the builders fail on an empty file
             reason = f"the {split} split of task {card.name} has no examples"
         else:
-            reason = f"could not read as {card.source.local.format}: {cause}"
+            reason = f"could not read as {card.source.local.format}: {_no_content(cause)}"
         raise UserError(f"{path}: {reason}") from None
     if card.source.local.format == "conllu":
         dataset = dataset.map(_drop_multiword_and_empty_nodes, desc=f"{card.name}: CoNLL-U words")
@@ -126,7 +166,7 @@ def _read_local_file(card: TaskCard, path: Path, split: str) -> datasets.Dataset
     if missing:
         raise UserError(
             f"{path}: column {missing[0]!r} (for {card.where} source.local.columns) not found; "
-            f"columns: {', '.join(dataset.column_names)}"
+            f"columns: {_column_list(dataset)}"
         )
     return dataset.rename_columns(renames)
 
@@ -168,8 +208,16 @@ def _check_columns(card: TaskCard, dataset: datasets.Dataset, where: str) -> Non
         if column not in dataset.column_names:
             raise UserError(
                 f"{where}: column {column!r} (named by {card.where}) not found; "
-                f"columns: {', '.join(dataset.column_names)}"
+                f"columns: {_column_list(dataset)}"
             )
+
+
+def _column_list(dataset: datasets.Dataset, most: int = 10) -> str:
+    """The dataset's column names for an error message, each clipped, at most `most` of them
+    (a file without the header its card expects has a data row as its column names)."""
+    names = [clip(name) for name in dataset.column_names]
+    more = f", … ({len(names) - most} more)" if len(names) > most else ""
+    return ", ".join(names[:most]) + more
 
 
 # ------------------------------------------------------------------------------ labels
@@ -216,26 +264,32 @@ def _sentence_lines(path: str, mtime_ns: int, comments: bool, encoding: str) -> 
 
 def encode_label(card: TaskCard, value: Any, place: str) -> Any:
     """The label id(s) or float target of one example; a bad value raises a `UserError`."""
+    if value is None:  # a JSON null or missing key, a Hub dataset's missing value
+        raise UserError(f"{place}: {card.label_column}: {MISSING}")
     if card.type == "regression":
         try:
             target = float(value)
         except (TypeError, ValueError):
-            raise UserError(f"{place}: {card.label_column}: {value!r} is not a number") from None
+            raise UserError(
+                f"{place}: {card.label_column}: {clip(repr(value))} is not a number"
+            ) from None
         if not math.isfinite(target):  # a NaN/inf target makes every loss it touches NaN/inf
-            raise UserError(f"{place}: {card.label_column}: {value!r} is not a finite number")
+            raise UserError(
+                f"{place}: {card.label_column}: {clip(repr(value))} is not a finite number"
+            )
         return target
     if HEADS.get(card.type).token_level:
         ids = [label_to_id(tag, card.labels) for tag in value]
         if None in ids:
             bad = value[ids.index(None)]
             raise UserError(
-                f"{place}: {card.label_column}: tag {bad!r} is not in the card's labels"
+                f"{place}: {card.label_column}: tag {clip(repr(bad))} is not in the card's labels"
             )
         return ids
     label = label_to_id(value, card.labels)
     if label is None:
         raise UserError(
-            f"{place}: {card.label_column}: {value!r} is not one of the card's labels "
+            f"{place}: {card.label_column}: {clip(repr(value))} is not one of the card's labels "
             f"({', '.join(card.labels)})"
         )
     return label
@@ -329,7 +383,8 @@ def tokenize_task(
             for value, index in zip(values, indices, strict=True):
                 if not _is_text(value, token_level):
                     place = _row_place(where, index, local)
-                    raise UserError(f"{place}: {column}: {value!r} is not text")
+                    problem = MISSING if value is None else f"{clip(repr(value))} is not text"
+                    raise UserError(f"{place}: {column}: {problem}")
         if token_level:
             for words, tags, index in zip(
                 batch[card.inputs[0]], batch[card.label_column], indices, strict=True

@@ -1,14 +1,21 @@
 """Metrics by evaluate's names, computed offline (scikit-learn, scipy, seqeval).
 
-The standard metrics never touch the network. Any other name a card gives is resolved through
-`evaluate.load` at evaluation time: a Hub id such as `evaluate-metric/bleu` or a local module
-path. Every metric returns a dict of floats, keyed by evaluate's result names.
+The standard metrics never touch the network. Each is registered with what card validation and
+model selection need to know: the result names it returns, the task types it fits (and whether
+it needs exactly two labels), and whether greater is better. Any other name a card gives is
+resolved through `evaluate.load` at evaluation time: a Hub id such as `evaluate-metric/bleu` or a
+local module path. Every metric returns a dict of floats, keyed by evaluate's result names.
+
+A task's dev results are ranked by one number, `main_score`, over its main metric (the card's
+`main_metric`, by default the one its benchmark reports, see `default_main_metric`).
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Sequence
+import math
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,17 +25,50 @@ from mtnlp.errors import UserError
 from mtnlp.registry import Registry
 
 MetricFn = Callable[[Sequence[Any], Sequence[Any]], dict[str, float]]
-METRICS: Registry[MetricFn] = Registry("metric")
 
 
-@METRICS.register("accuracy")
+@dataclass(frozen=True)
+class Metric:
+    """An offline metric and the facts about it that cards and model selection rely on."""
+
+    compute: MetricFn
+    keys: tuple[str, ...]  # the result names it returns
+    task_types: tuple[str, ...]  # the task types whose predictions it scores
+    binary: bool = False  # scores exactly two labels (positive class = label id 1)
+    multiclass_variants: tuple[str, ...] = ()  # a binary metric's counterparts for more labels
+    greater_is_better: bool = True
+
+    def __call__(self, predictions: Sequence[Any], references: Sequence[Any]) -> dict[str, float]:
+        return self.compute(predictions, references)
+
+
+METRICS: Registry[Metric] = Registry("metric")
+
+
+def register_metric(
+    name: str, task_types: Iterable[str], keys: Iterable[str] | None = None, **facts: Any
+) -> Callable[[MetricFn], MetricFn]:
+    """Decorator: register a metric function as `name` with its facts (see `Metric`); its result
+    names default to `(name,)`."""
+
+    def add(function: MetricFn) -> MetricFn:
+        keys_ = tuple(keys) if keys is not None else (name,)
+        METRICS.register(name)(Metric(function, keys_, tuple(task_types), **facts))
+        return function
+
+    return add
+
+
+@register_metric("accuracy", ["classification", "tagging"])
 def accuracy(predictions, references):
     """Share of exact matches (token-level for tagging: every word counts once)."""
     predictions, references = _flat(predictions), _flat(references)
     return {"accuracy": float(np.mean(np.asarray(predictions) == np.asarray(references)))}
 
 
-@METRICS.register("f1")
+@register_metric(
+    "f1", ["classification"], binary=True, multiclass_variants=("f1_macro", "f1_micro")
+)
 def f1(predictions, references):
     """Binary F1 of the positive class (label id 1), as GLUE reports for MRPC and QQP."""
     from sklearn.metrics import f1_score
@@ -36,15 +76,35 @@ def f1(predictions, references):
     return {"f1": float(f1_score(references, predictions, zero_division=0.0))}
 
 
-@METRICS.register("matthews_correlation")
+@register_metric("f1_macro", ["classification", "tagging"])
+def f1_macro(predictions, references):
+    """Unweighted mean of the per-label F1 scores (each label present in the gold or predicted
+    labels counts once; per word for tagging)."""
+    return {"f1_macro": _multiclass_f1(predictions, references, "macro")}
+
+
+@register_metric("f1_micro", ["classification", "tagging"])
+def f1_micro(predictions, references):
+    """F1 over all decisions pooled; equals accuracy for single-label classification."""
+    return {"f1_micro": _multiclass_f1(predictions, references, "micro")}
+
+
+def _multiclass_f1(predictions, references, average: str) -> float:
+    from sklearn.metrics import f1_score
+
+    references, predictions = _flat(references), _flat(predictions)
+    return float(f1_score(references, predictions, average=average, zero_division=0.0))
+
+
+@register_metric("matthews_correlation", ["classification"])
 def matthews_correlation(predictions, references):
-    """Matthews correlation coefficient (CoLA)."""
+    """Matthews correlation coefficient (CoLA; also defined for more than two labels)."""
     from sklearn.metrics import matthews_corrcoef
 
     return {"matthews_correlation": float(matthews_corrcoef(references, predictions))}
 
 
-@METRICS.register("pearson")
+@register_metric("pearson", ["regression"])
 def pearson(predictions, references):
     """Pearson correlation of predicted and gold scores (STS-B)."""
     from scipy.stats import pearsonr
@@ -52,7 +112,7 @@ def pearson(predictions, references):
     return {"pearson": _correlation(pearsonr, predictions, references)}
 
 
-@METRICS.register("spearmanr")
+@register_metric("spearmanr", ["regression"])
 def spearmanr(predictions, references):
     """Spearman rank correlation of predicted and gold scores (STS-B)."""
     from scipy.stats import spearmanr as spearman
@@ -60,7 +120,10 @@ def spearmanr(predictions, references):
     return {"spearmanr": _correlation(spearman, predictions, references)}
 
 
-@METRICS.register("seqeval")
+SEQEVAL_KEYS = ("overall_precision", "overall_recall", "overall_f1", "overall_accuracy")
+
+
+@register_metric("seqeval", ["tagging"], SEQEVAL_KEYS)
 def seqeval(predictions, references, scheme: str = "IOB2"):
     """Entity-level precision, recall and F1 over tag sequences (seqeval, strict mode: an entity
     counts only with the exact tags of `scheme`; IOB2 for `seqeval`, the scheme named in the metric
@@ -81,7 +144,9 @@ def seqeval(predictions, references, scheme: str = "IOB2"):
 
 
 for _scheme in ("IOB1", "IOE1", "IOE2", "IOBES", "BILOU"):
-    METRICS.register(f"seqeval_{_scheme.lower()}")(functools.partial(seqeval, scheme=_scheme))
+    register_metric(f"seqeval_{_scheme.lower()}", ["tagging"], SEQEVAL_KEYS)(
+        functools.partial(seqeval, scheme=_scheme)
+    )
 
 
 def _flat(values: Sequence[Any]) -> list[Any]:
@@ -134,3 +199,87 @@ def _evaluate_module(name: str, predictions, references) -> dict[str, float]:
         raise UserError(f"metric {name!r}: evaluate.load failed: {error}") from None
     scores = module.compute(predictions=predictions, references=references)
     return {key: float(value) for key, value in scores.items() if np.isscalar(value)}
+
+
+# ------------------------------------------------------------------------------ card checks
+def check_metric_fits(name: str, task: str, task_type: str, num_labels: int | None) -> None:
+    """Raise `ValueError` if registered metric `name` cannot score task `task` of `task_type`
+    with `num_labels` labels. Evaluate modules pass: nothing is known of them before they run."""
+    if name not in METRICS:
+        return
+    metric = METRICS.get(name)
+    fitting = [other for other in METRICS.names() if _fits(other, task_type, num_labels)]
+    if task_type not in metric.task_types:
+        raise ValueError(
+            f"{name!r} scores {' or '.join(metric.task_types)} tasks, not {task_type}; "
+            f"use {_either(fitting)}"
+        )
+    if metric.binary and num_labels != 2:
+        raise ValueError(
+            f"{name!r} is a binary metric (positive class = the second label) and task {task} "
+            f"has {num_labels} labels; use {_either(list(metric.multiclass_variants) or fitting)}"
+        )
+
+
+def _fits(name: str, task_type: str, num_labels: int | None) -> bool:
+    metric = METRICS.get(name)
+    return task_type in metric.task_types and (not metric.binary or num_labels == 2)
+
+
+def _either(names: list[str]) -> str:
+    return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} or {names[-1]}"
+
+
+def result_keys(names: Sequence[str]) -> list[str]:
+    """The result names the registered metrics among `names` return, in order."""
+    return [key for name in names if name in METRICS for key in METRICS.get(name).keys]
+
+
+# ------------------------------------------------------------------------------ main metric
+def default_main_metric(metrics: Sequence[str]) -> list[str] | None:
+    """The main metric of a card that names none, from the results of its `metrics`: entity F1
+    (`overall_f1`) for tagging with seqeval, `f1` for binary tasks that list it,
+    `matthews_correlation` (CoLA), the mean of `pearson` and `spearmanr` (STS-B), else
+    `accuracy`, else the first result; None (the first result at evaluation) when every metric
+    is an evaluate module."""
+    keys = result_keys(metrics)
+    for preferred in (["overall_f1"], ["f1"], ["matthews_correlation"], ["pearson", "spearmanr"]):
+        if set(preferred) <= set(keys):
+            return preferred
+    if "accuracy" in keys:
+        return ["accuracy"]
+    return keys[:1] or None
+
+
+def task_main_metric(task: Mapping[str, Any]) -> list[str] | None:
+    """The main metric of a task's model metadata (a card's `model_spec()`); metadata saved
+    before cards had `main_metric` gets the default for its metrics."""
+    return task.get("main_metric") or default_main_metric(task["metrics"])
+
+
+def greater_is_better(key: str) -> bool:
+    """Whether a larger value of result `key` is better, as its metric is registered (an
+    evaluate module's results are taken as greater-is-better)."""
+    owners = [METRICS.get(name) for name in METRICS.names() if key in METRICS.get(name).keys]
+    return owners[0].greater_is_better if owners else True
+
+
+def main_score(results: Mapping[str, float], main_metric: Sequence[str] | None, task: str) -> float:
+    """The one number that ranks task `task`'s dev results (model selection, the report's dev
+    curve): the mean of its main metric's values, each negated where smaller is better; with no
+    main metric, its first result. NaN if a value is NaN or there are no results."""
+    if not main_metric:
+        return float(next(iter(results.values()), math.nan))
+    missing = [key for key in main_metric if key not in results]
+    if missing:  # only an evaluate module's result names are unknown before it runs
+        raise UserError(
+            f"task {task}: main_metric: {missing[0]!r} is not among its dev results "
+            f"({', '.join(results)})"
+        )
+    values = [results[key] if greater_is_better(key) else -results[key] for key in main_metric]
+    return sum(values) / len(values)
+
+
+def main_metrics(tasks: Iterable[Mapping[str, Any]]) -> dict[str, list[str] | None]:
+    """Task name -> main metric, for tasks' model metadata (`model_spec()` dicts)."""
+    return {task["name"]: task_main_metric(task) for task in tasks}

@@ -4,7 +4,8 @@ People look at curves rather than read logs. The report is drawn from the run's 
 records of `train_log.jsonl`: `{"step", "loss": {task: value}, "share": {task: value}}` per
 logging window and `{"step", "eval": {task: {metric: value}}}` per evaluation. It writes three
 PNG plots (matplotlib's Agg renderer, no display or global pyplot state) under `plots/` and
-`report.md`, which shows them with the final dev metrics and the steps each task got.
+`report.md`, which shows them with the final dev metrics and the steps each task got. The dev
+curve of a task is its main score (`metrics.main_score`, the one model selection uses).
 """
 
 from __future__ import annotations
@@ -13,6 +14,9 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from mtnlp.metrics import main_metrics as tasks_main_metrics
+from mtnlp.metrics import main_score
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -43,18 +47,20 @@ def window_series(history: Sequence[dict[str, Any]], key: str) -> Series:
     return series
 
 
-def dev_series(history: Sequence[dict[str, Any]]) -> Series:
-    """Per task, its first metric (the card's main one) over the evaluations."""
+def dev_series(
+    history: Sequence[dict[str, Any]], main_metrics: dict[str, list[str] | None]
+) -> Series:
+    """Per task, its main score over the evaluations (`main_metrics`: task -> main metric)."""
     series: Series = {}
-    main_metric: dict[str, str] = {}
     for record in history:
         for task, metrics in record.get("eval", {}).items():
-            if not metrics:
-                continue
-            metric = main_metric.setdefault(task, next(iter(metrics)))
-            steps, values = series.setdefault(f"{task} ({metric})", ([], []))
+            main = main_metrics[task] or list(metrics)[:1]
+            if not main or not set(main) <= set(metrics):
+                continue  # no results, or an evaluate module's lack it (selection refuses them)
+            name = main[0] if len(main) == 1 else f"mean of {', '.join(main)}"
+            steps, values = series.setdefault(f"{task} ({name})", ([], []))
             steps.append(record["step"])
-            values.append(metrics[metric])
+            values.append(main_score(metrics, main, task))
     return series
 
 
@@ -90,8 +96,10 @@ def plot_losses(history: Sequence[dict[str, Any]]) -> Figure:
     )
 
 
-def plot_dev_metrics(history: Sequence[dict[str, Any]]) -> Figure:
-    return line_plot(dev_series(history), "Dev metric per task", "dev metric")
+def plot_dev_metrics(
+    history: Sequence[dict[str, Any]], main_metrics: dict[str, list[str] | None]
+) -> Figure:
+    return line_plot(dev_series(history, main_metrics), "Dev main metric per task", "dev metric")
 
 
 def plot_shares(history: Sequence[dict[str, Any]]) -> Figure:
@@ -127,13 +135,18 @@ def write_report(
     history: Sequence[dict[str, Any]] | None = None,
     results: dict[str, dict[str, float]] | None = None,
     summary: dict[str, Any] | None = None,
+    main_metrics: dict[str, list[str] | None] | None = None,
 ) -> Path:
     """Write the plots and `report.md` into `output_dir`; return the page's path.
 
     `history`, `results` and `summary` default to the folder's `train_log.jsonl`,
-    `eval_results.json` and `train_summary.json` (as `training.save_run` writes them).
+    `eval_results.json` and `train_summary.json` (as `training.save_run` writes them), and
+    `main_metrics` (task -> main metric) to those of the tasks in its `config.json`.
     """
     folder = Path(output_dir)
+    if main_metrics is None:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+        main_metrics = tasks_main_metrics(config["tasks"])
     if history is None:
         history = read_history(folder / "train_log.jsonl")
     if results is None:
@@ -144,7 +157,7 @@ def write_report(
     (folder / "plots").mkdir(parents=True, exist_ok=True)
     figures = {
         LOSS_PLOT: ("Training loss", plot_losses(history)),
-        DEV_PLOT: ("Dev metric", plot_dev_metrics(history)),
+        DEV_PLOT: ("Dev metric", plot_dev_metrics(history, main_metrics)),
         SHARE_PLOT: ("Share of steps", plot_shares(history)),
     }
     for path, (_, figure) in figures.items():

@@ -1,27 +1,34 @@
 """Model selection: keep the weights of the evaluation with the best dev score.
 
 Used by `--keep-best` and by MT-DNN's fine-tuning stage ("best dev checkpoint kept"). The score
-is the mean over tasks of each task's first metric; every registered metric is higher-is-better.
+is the mean over tasks of each task's main score (`metrics.main_score`: its card's main metric,
+oriented so that greater is better).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 
 from torch import Tensor, nn
 
+from mtnlp.metrics import main_score
 
-def dev_score(results: dict[str, dict[str, float]]) -> float:
-    """Mean over tasks of the first metric of each task's results (NaN if any is NaN)."""
-    firsts = [next(iter(metrics.values())) for metrics in results.values() if metrics]
-    return sum(firsts) / len(firsts) if firsts else math.nan
+MainMetrics = Mapping[str, Sequence[str] | None]  # task -> main metric (`task_main_metric`)
+
+
+def dev_score(results: dict[str, dict[str, float]], main_metrics: MainMetrics) -> float:
+    """Mean over tasks of each task's main score (NaN if any is NaN)."""
+    scores = [main_score(v, main_metrics[task], task) for task, v in results.items() if v]
+    return sum(scores) / len(scores) if scores else math.nan
 
 
 class BestCheckpoint:
     """A CPU copy of the model's weights at its best dev score so far (the first one if every
     score is NaN), to restore before saving."""
 
-    def __init__(self) -> None:
+    def __init__(self, main_metrics: MainMetrics) -> None:
+        self.main_metrics = main_metrics
         self.score = -math.inf
         self.step: int | None = None
         self.results: dict[str, dict[str, float]] | None = None
@@ -29,7 +36,7 @@ class BestCheckpoint:
 
     def update(self, step: int, results: dict[str, dict[str, float]], model: nn.Module) -> bool:
         """Remember `model`'s weights if `results` beat the best so far; True if they did."""
-        score = dev_score(results)
+        score = dev_score(results, self.main_metrics)
         if self.state is not None and not score > self.score:
             return False
         self.score = -math.inf if math.isnan(score) else score

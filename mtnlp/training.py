@@ -50,7 +50,7 @@ from mtnlp.errors import UserError
 from mtnlp.heads import HEADS, IGNORE_INDEX
 from mtnlp.hierarchy import SuccessiveRegularizer
 from mtnlp.hub import push_to_hub
-from mtnlp.metrics import compute_metrics
+from mtnlp.metrics import compute_metrics, main_metrics
 from mtnlp.modeling import MultiTaskModel
 from mtnlp.regularizers import RunRegularizers
 from mtnlp.report import write_report
@@ -192,8 +192,11 @@ def _training_text(cards: Sequence[TaskCard], data_dirs: Sequence[Path] | None) 
     for card in cards:
         train = load_raw(card, [card.train_split], data_dirs)[card.train_split]
         for column in card.inputs:
-            for value in train[column]:
-                yield " ".join(value) if isinstance(value, list) else value
+            for value in train[column]:  # not text (a JSON null): tokenize_task says where
+                if isinstance(value, list):
+                    yield " ".join(word for word in value if isinstance(word, str))
+                elif isinstance(value, str):
+                    yield value
 
 
 def check_output_dir(path: Path, overwrite: bool, resume: Path | None = None) -> None:
@@ -502,7 +505,7 @@ def train(
     )
     shared = list(accelerator.unwrap_model(model).encoder.parameters())  # for pcgrad
     eval_every = args.eval_every or (steps_per_epoch if args.keep_best else None)
-    best = BestCheckpoint() if args.keep_best else None
+    best = BestCheckpoint(main_metrics(specs)) if args.keep_best else None
     model.train()
     for step in range(state.step + 1, total_steps + 1):
         step_losses: list[tuple[str, torch.Tensor]] = []

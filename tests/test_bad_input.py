@@ -111,7 +111,7 @@ CASES = [
     Case(
         "non-utf8-data",
         write("data/cls/train.tsv", "sentence\tlabel\ncaf\xe9\tpos\n".encode("latin-1")),
-        f"{CLS_TRAIN}: not valid utf-8-sig text (byte 18)",
+        f"{CLS_TRAIN}: line 2: not valid utf-8-sig text (byte 18)",
     ),
     Case(
         "regression-target-not-a-number",
@@ -433,3 +433,177 @@ def test_bad_config_value_exits_2_with_one_error_line_each(tiny_tasks, tmp_path)
     result = run([*CLI_TRAIN, *flags])
     assert result.returncode == 2, result.stderr[-3000:]
     assert result.stderr.strip().splitlines() == [f"error: {line}" for line in expected.split("\n")]
+
+
+# ------------------------------------------------------------------------------ issue 11: cards
+# items 1, 3, 12, 17: main metrics, metrics and inputs that fit the task type, encodings, data
+# paths inside --data-dir, no file contents in errors, JSON nulls, CoNLL encodings
+def steps(*setups: Callable[[Path], object]) -> Callable[[Path], object]:
+    def setup(case: Path) -> None:
+        for step in setups:
+            step(case)
+
+    return setup
+
+
+def link(path: str, target: str) -> Callable[[Path], object]:
+    def setup(case: Path) -> None:
+        (case / target).write_text("sentence\tlabel\nprivate words\tpos\n")
+        (case / path).unlink()
+        (case / path).symlink_to(case / target)
+
+    return setup
+
+
+REG_CARD, TAG_CARD, TAG_TRAIN = (
+    "{case}/cards/reg.yaml",
+    "{case}/cards/tag.yaml",
+    "{case}/data/tag/train.txt",
+)
+CLS_AS_JSON = edit_card(
+    "cls",
+    "format: tsv\n    files: {train: cls/train.tsv, validation: cls/dev.tsv}",
+    "format: json\n    files: {train: cls/train.jsonl, validation: cls/train.jsonl}",
+)
+TAGGING_METRICS = (
+    "accuracy, f1_macro, f1_micro, seqeval, seqeval_bilou, seqeval_iob1, seqeval_iobes, "
+    "seqeval_ioe1 or seqeval_ioe2"
+)
+CLASSIFICATION_METRICS = "accuracy, f1, f1_macro, f1_micro or matthews_correlation"
+HARDENING_CARDS_CASES = [
+    Case(
+        "metric-binary-f1-on-three-labels",
+        edit_card(
+            "cls",
+            "labels: [neg, pos]\nmetrics: [accuracy]",
+            "labels: [neg, pos, mid]\nmetrics: [f1]",
+        ),
+        f"{CLS_CARD}: metrics: 'f1' is a binary metric (positive class = the second label) and "
+        "task cls has 3 labels; use f1_macro or f1_micro",
+    ),
+    Case(
+        "metric-accuracy-on-regression",
+        edit_card("reg", "metrics: [pearson]", "metrics: [accuracy]"),
+        f"{REG_CARD}: metrics: 'accuracy' scores classification or tagging tasks, not "
+        "regression; use pearson or spearmanr",
+    ),
+    Case(
+        "metric-matthews-on-regression",
+        edit_card("reg", "metrics: [pearson]", "metrics: [matthews_correlation]"),
+        f"{REG_CARD}: metrics: 'matthews_correlation' scores classification tasks, not "
+        "regression; use pearson or spearmanr",
+    ),
+    Case(
+        "metric-seqeval-on-classification",
+        edit_card("cls", "metrics: [accuracy]", "metrics: [seqeval]"),
+        f"{CLS_CARD}: metrics: 'seqeval' scores tagging tasks, not classification; use "
+        f"{CLASSIFICATION_METRICS}",
+    ),
+    Case(
+        "metric-pearson-on-classification",
+        edit_card("cls", "metrics: [accuracy]", "metrics: [accuracy, pearson]"),
+        f"{CLS_CARD}: metrics: 'pearson' scores regression tasks, not classification; use "
+        f"{CLASSIFICATION_METRICS}",
+    ),
+    Case(
+        "metric-pearson-on-tagging",
+        edit_card("tag", "metrics: [seqeval]", "metrics: [pearson]"),
+        f"{TAG_CARD}: metrics: 'pearson' scores regression tasks, not tagging; use "
+        f"{TAGGING_METRICS}",
+    ),
+    Case(
+        "tagging-with-two-inputs",
+        edit_card("tag", "inputs: [tokens]", "inputs: [tokens, tags]"),
+        f"{TAG_CARD}: inputs: a tagging task reads one column of words, not 2",
+    ),
+    Case(
+        "unknown-encoding",
+        edit_card("cls", "format: tsv", "format: tsv\n    encoding: utf-9"),
+        f"{CLS_CARD}: source.local.encoding: unknown text encoding 'utf-9'",
+    ),
+    Case(
+        "main-metric-not-a-result",
+        edit_card("tag", "metrics: [seqeval]", "metrics: [seqeval]\nmain_metric: f1"),
+        f"{TAG_CARD}: main_metric: 'f1' is not a result of the card's metrics (overall_precision, "
+        "overall_recall, overall_f1, overall_accuracy)",
+    ),
+    Case(
+        "data-path-goes-up",
+        edit_card("cls", "train: cls/train.tsv", "train: ../../secret.tsv"),
+        f"{CLS_CARD}: source.local.files.train: '../../secret.tsv' leaves the --data-dir folder "
+        "('..'); give a path inside it",
+    ),
+    Case(
+        "data-path-absolute",
+        edit_card("cls", "train: cls/train.tsv", "train: /etc/passwd"),
+        f"{CLS_CARD}: source.local.files.train: '/etc/passwd' is an absolute path; give a path "
+        "relative to --data-dir",
+    ),
+    Case(
+        "data-file-links-outside-data-dir",
+        link("data/cls/train.tsv", "secret.tsv"),
+        f"{CLS_CARD}: source.local.files.train: {CLS_TRAIN} leads outside --data-dir {{case}}/data "
+        "(through a symbolic link); refusing to read it",
+    ),
+    Case(
+        "long-label-clipped",
+        write("data/cls/train.tsv", "sentence\tlabel\nthe cat\t" + "private " * 20 + "\n"),
+        f"{CLS_TRAIN}: line 2: label: 'private private private private privat… is not one of the "
+        "card's labels (neg, pos)",
+    ),
+    Case(
+        "header-missing-columns-clipped",
+        write("data/cls/train.tsv", "private " * 10 + "\tpos\nthe cat\tneg\n"),
+        f"{CLS_TRAIN}: column 'sentence' (named by {CLS_CARD}) not found; columns: private private "
+        "private private private…, pos",
+    ),
+    Case(
+        "json-text-missing",
+        steps(
+            CLS_AS_JSON,
+            write("data/cls/train.jsonl", '{"sentence": "a", "label": "pos"}\n{"label": "neg"}\n'),
+        ),
+        "{case}/data/cls/train.jsonl: example 2: sentence: the value is missing or null",
+    ),
+    Case(
+        "json-text-null",
+        steps(CLS_AS_JSON, write("data/cls/train.jsonl", '{"sentence": null, "label": "pos"}\n')),
+        "{case}/data/cls/train.jsonl: example 1: sentence: the value is missing or null",
+    ),
+    Case(
+        "json-label-null",
+        steps(CLS_AS_JSON, write("data/cls/train.jsonl", '{"sentence": "a", "label": null}\n')),
+        "{case}/data/cls/train.jsonl: example 1: label: the value is missing or null",
+    ),
+    Case(
+        "conll-not-in-card-encoding",
+        write("data/tag/train.txt", "alice\tB-PER\n\nz\xfcrich\tO\n".encode("latin-1")),
+        f"{TAG_TRAIN}: line 3: not valid utf-8-sig text (byte 14)",
+    ),
+]
+
+
+def test_hardening_cards_cases_are_distinct():
+    ids = [case.id for case in HARDENING_CARDS_CASES]
+    assert len(set(ids)) == len(ids) and not set(ids) & set(BY_ID)
+
+
+@pytest.mark.parametrize(
+    "case", HARDENING_CARDS_CASES, ids=[case.id for case in HARDENING_CARDS_CASES]
+)
+def test_hardening_cards_bad_input(case, tiny_tasks, tmp_path):
+    test_bad_input_gives_its_exact_error(case, tiny_tasks, tmp_path)
+
+
+def test_cards_check_refuses_misfit_metrics(tiny_tasks, tmp_path):
+    """`mtnlp cards check` reports the checks of a card's fit, one line each, exit 2."""
+    cases = {case.id: case for case in HARDENING_CARDS_CASES}
+    prepare(cases["metric-accuracy-on-regression"], tiny_tasks, tmp_path)
+    cases["tagging-with-two-inputs"].setup(tmp_path)
+    result = run([sys.executable, "-m", "mtnlp.cli", "cards", "check", str(tmp_path / "cards")])
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines() == [
+        cases[name].message.format(case=tmp_path)
+        for name in ("metric-accuracy-on-regression", "tagging-with-two-inputs")
+    ]

@@ -103,7 +103,9 @@ def test_label_not_in_card_names_file_and_line(tmp_path, tiny_tokenizer):
 
 
 def test_regression_target_not_a_number(tmp_path, tiny_tokenizer):
-    card, train = _tsv_card(tmp_path, ["good\t4.5", "bad\thigh"], type="regression")
+    card, train = _tsv_card(
+        tmp_path, ["good\t4.5", "bad\thigh"], type="regression", metrics=["pearson"]
+    )
     with pytest.raises(UserError) as error:
         load_task(card, tiny_tokenizer, [tmp_path])
     assert str(error.value) == f"{train}: line 3: label: 'high' is not a number"

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 import json
 
 import pytest
 
+from mtnlp.metrics import main_metrics
 from mtnlp.report import (
     DEV_PLOT,
     LOSS_PLOT,
@@ -18,7 +20,11 @@ from mtnlp.report import (
     write_report,
 )
 
+from conftest import task_spec
+
 TASKS = ["sst2", "rte", "ner"]
+# each task's main metric, as the cards' model_spec() resolves it: rte lists f1 (binary F1 first)
+MAIN_METRICS = {"sst2": ["accuracy"], "rte": ["f1"], "ner": ["overall_f1"]}
 
 
 def window(step: int, loss: dict, share: dict) -> dict:
@@ -48,7 +54,10 @@ SUMMARY = {
 }
 
 
-@pytest.mark.parametrize("plot", [plot_losses, plot_dev_metrics, plot_shares])
+@pytest.mark.parametrize(
+    "plot",
+    [plot_losses, functools.partial(plot_dev_metrics, main_metrics=MAIN_METRICS), plot_shares],
+)
 def test_one_line_per_task(plot):
     figure = plot(HISTORY)
     lines = figure.axes[0].get_lines()
@@ -62,13 +71,19 @@ def test_curves_follow_the_history():
     assert list(lines["sst2"].get_xdata()) == [10, 20]
     assert list(lines["sst2"].get_ydata()) == [0.7, 0.5]
     assert list(lines["rte"].get_xdata()) == [10]  # no point where the task was not trained
-    series = dev_series(HISTORY)
-    assert series["rte (accuracy)"] == ([10, 20], [0.5, 0.55])  # the first (main) metric
-    assert set(series) == {"sst2 (accuracy)", "rte (accuracy)", "ner (overall_f1)"}
+    series = dev_series(HISTORY, MAIN_METRICS)
+    assert series["rte (f1)"] == ([10, 20], [0.4, 0.5])  # the main metric, not the first one
+    assert set(series) == {"sst2 (accuracy)", "rte (f1)", "ner (overall_f1)"}
+
+
+def test_dev_curve_of_a_mean_main_metric():
+    history = [{"step": 5, "eval": {"stsb": {"pearson": 0.8, "spearmanr": 0.6}}}]
+    series = dev_series(history, {"stsb": ["pearson", "spearmanr"]})
+    assert series == {"stsb (mean of pearson, spearmanr)": ([5], [pytest.approx(0.7)])}
 
 
 def test_report_files(tmp_path):
-    page = write_report(tmp_path, HISTORY, RESULTS, SUMMARY)
+    page = write_report(tmp_path, HISTORY, RESULTS, SUMMARY, MAIN_METRICS)
     assert page == tmp_path / REPORT
     for plot in (LOSS_PLOT, DEV_PLOT, SHARE_PLOT):
         assert (tmp_path / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -81,7 +96,14 @@ def test_report_files(tmp_path):
 
 
 def test_report_from_a_run_folder(tmp_path):
-    """Without arguments the report reads what `training.save_run` wrote."""
+    """Without arguments the report reads what `training.save_run` wrote; the main metrics come
+    from the tasks' metadata in config.json (saved before cards had `main_metric`: defaults)."""
+    tasks = [
+        task_spec("sst2", "classification", ["neg", "pos"]),
+        task_spec("rte", "classification", ["yes", "no"], metrics=["accuracy", "f1"]),
+        task_spec("ner", "tagging", ["O", "B-X"], metrics=["seqeval"]),
+    ]
+    (tmp_path / "config.json").write_text(json.dumps({"tasks": tasks}))
     with open(tmp_path / "train_log.jsonl", "w") as log:
         for record in HISTORY:
             log.write(json.dumps(record) + "\n")
@@ -89,3 +111,4 @@ def test_report_from_a_run_folder(tmp_path):
     page = write_report(tmp_path)
     assert "| sst2 | accuracy | 0.8000 |" in page.read_text()
     assert (tmp_path / LOSS_PLOT).is_file()
+    assert dev_series(HISTORY, main_metrics(tasks)) == dev_series(HISTORY, MAIN_METRICS)

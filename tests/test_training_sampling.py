@@ -292,11 +292,13 @@ def test_initial_model_from_a_multi_task_model(tiny_model):
 
 def test_best_checkpoint_restores_the_best_weights():
     layer = torch.nn.Linear(2, 1)
-    best = BestCheckpoint()
+    best = BestCheckpoint({"a": ["accuracy"], "b": ["f1"]})
     layer.weight.data.fill_(1.0)
     assert best.update(1, {"a": {"accuracy": 0.7}, "b": {"f1": 0.5}}, layer)
     layer.weight.data.fill_(2.0)
     assert not best.update(2, {"a": {"accuracy": 0.6}, "b": {"f1": 0.5}}, layer)
     assert best.restore(layer) == {"a": {"accuracy": 0.7}, "b": {"f1": 0.5}}
     assert best.step == 1 and layer.weight.tolist() == [[1.0, 1.0]]
-    assert dev_score({"a": {"accuracy": 0.7, "f1": 0.1}, "b": {"f1": 0.5}}) == pytest.approx(0.6)
+    results = {"a": {"accuracy": 0.7, "f1": 0.1}, "b": {"f1": 0.5}}
+    assert dev_score(results, {"a": ["accuracy"], "b": ["f1"]}) == pytest.approx(0.6)
+    assert dev_score(results, {"a": ["f1"], "b": ["f1"]}) == pytest.approx(0.3)  # a's main: f1
