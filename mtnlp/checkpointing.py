@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import re
+import reprlib
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
@@ -27,6 +28,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from mtnlp.errors import UserError
+from mtnlp.modeling import check_weight_files
 
 logger = logging.getLogger(__name__)
 
@@ -74,11 +76,39 @@ def resolve_checkpoint(spec: str | None, output_dir: Path) -> Path | None:
     return path
 
 
+def _is_step(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _is_task_list(value: Any) -> bool:
+    return isinstance(value, list) and all(
+        isinstance(task, dict) and isinstance(task.get("name"), str) for task in value
+    )
+
+
+# what checkpoint.json must hold, for check_tasks and load_checkpoint: (check, expected)
+_META_FIELDS = {
+    "step": (_is_step, "a step number (an integer >= 0)"),
+    "tasks": (_is_task_list, "a list of tasks, each a mapping with a name"),
+}
+
+
 def read_meta(checkpoint: Path) -> dict[str, Any]:
+    """The checkpoint's `checkpoint.json`; a `UserError` naming the field that is missing or of
+    the wrong type (a hand-edited or foreign file must not end in a KeyError)."""
+    path = checkpoint / CHECKPOINT_META
     try:
-        return json.loads((checkpoint / CHECKPOINT_META).read_text(encoding="utf-8"))
+        meta = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise UserError(f"{checkpoint / CHECKPOINT_META}: not valid JSON ({error})") from None
+        raise UserError(f"{path}: not valid JSON ({error})") from None
+    if not isinstance(meta, dict):
+        raise UserError(f"{path}: expected a JSON object, got {type(meta).__name__}")
+    for key, (valid, expected) in _META_FIELDS.items():
+        if key not in meta:
+            raise UserError(f"{path}: {key}: missing")
+        if not valid(meta[key]):
+            raise UserError(f"{path}: {key}: expected {expected}, got {reprlib.repr(meta[key])}")
+    return meta
 
 
 def check_tasks(checkpoint: Path, specs: Sequence[dict[str, Any]]) -> None:
@@ -191,6 +221,10 @@ def load_checkpoint(accelerator: Accelerator, checkpoint: Path) -> int:
             "streams differ, so the run will not match an uninterrupted one exactly",
             checkpoint, meta.get("num_processes"), accelerator.num_processes,
         )  # fmt: skip
+    try:
+        check_weight_files(checkpoint)  # a truncated file: its name, not the loader's traceback
+    except UserError as error:
+        raise UserError(f"--resume-from-checkpoint: {error}") from None
     try:
         accelerator.load_state(str(checkpoint))
     except (OSError, RuntimeError, KeyError, ValueError) as error:

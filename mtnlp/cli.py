@@ -21,14 +21,17 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
-from mtnlp.errors import USER_ERROR_EXIT_CODE, UserError, exit_on_user_error
+from mtnlp.errors import USER_ERROR_EXIT_CODE, UserError, exit_on_user_error, first_line
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
+    from mtnlp.cards import TaskCard
     from mtnlp.modeling import MultiTaskModel
 
 DEFAULT_CARDS = Path("tasks/glue")  # relative to the working folder, as in a checkout
+# a saved tokenizer has at least one of these (fast: tokenizer.json; any: tokenizer_config.json)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt")
 
 
 def _positive(text: str) -> int:
@@ -63,7 +66,10 @@ def train_command(argv: Sequence[str]) -> None:
 
 
 def load_model(name: str) -> tuple[MultiTaskModel, PreTrainedTokenizerBase]:
-    """Model and tokenizer of a trained model folder or Hub id."""
+    """Model and tokenizer of a trained model folder or Hub id. The weights load from safetensors
+    only and strictly (`MultiTaskModel.from_pretrained`): a folder holding only a pickled
+    `pytorch_model.bin`, a truncated file, heads that do not fit config.json or a folder without
+    tokenizer files is one `UserError` naming the folder."""
     from transformers import AutoTokenizer
 
     from mtnlp.hub import read_config
@@ -72,13 +78,37 @@ def load_model(name: str) -> tuple[MultiTaskModel, PreTrainedTokenizerBase]:
     path = Path(name)
     if path.is_dir():
         read_config(path)  # a folder of another kind of model: a clear error
+        if not any((path / file).is_file() for file in TOKENIZER_FILES):
+            raise UserError(f"{name}: no tokenizer files ({' / '.join(TOKENIZER_FILES)} ...)")
     elif path.is_absolute() or name.startswith("."):
         raise UserError(f"{name}: no such model folder")
     try:
-        return MultiTaskModel.from_pretrained(name), AutoTokenizer.from_pretrained(name)
+        model = MultiTaskModel.from_pretrained(name)
     except OSError as error:
-        first_line = (str(error).strip() or type(error).__name__).splitlines()[0]
-        raise UserError(f"{name}: not an mtnlp model folder or Hub id ({first_line})") from None
+        raise UserError(
+            f"{name}: not an mtnlp model folder or Hub id ({first_line(error)})"
+        ) from None
+    try:
+        return model, AutoTokenizer.from_pretrained(name)
+    except (OSError, ValueError) as error:
+        raise UserError(f"{name}: its tokenizer does not load ({first_line(error)})") from None
+
+
+def check_custom_metrics(cards: Sequence[TaskCard], allowed: bool) -> None:
+    """Refuse metric names that are not built in unless `--allow-custom-metrics`: `evaluate.load`
+    downloads and runs them as code, and evaluating a model (its own `cards/`, maybe fetched from
+    the Hub) must never run code that came with it."""
+    from mtnlp.metrics import METRICS
+
+    if allowed:
+        return
+    for card in cards:
+        for name in card.metrics:
+            if name not in METRICS:
+                raise UserError(
+                    f"{card.where}: metrics: {name!r} is not a built-in metric; loading it would "
+                    "run code from evaluate.load; pass --allow-custom-metrics to allow it"
+                )
 
 
 def model_cards(name: str) -> Path:
@@ -103,6 +133,7 @@ def evaluate_command(args: argparse.Namespace) -> None:
 
     model, tokenizer = load_model(args.model)
     cards = load_cards(args.cards or [model_cards(args.model)], _task_list(args.tasks))
+    check_custom_metrics(cards, args.allow_custom_metrics)
     for card in cards:
         if card.name not in model.config.task_names:
             raise UserError(f"{card.where}: task {card.name} is not a task of {args.model}")
@@ -226,6 +257,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-eval-samples", type=_positive, help="at most N dev examples per task"
     )
     evaluate.add_argument("--batch-size", type=_positive, default=64, help="evaluation batch size")
+    evaluate.add_argument(
+        "--allow-custom-metrics",
+        action="store_true",
+        help="let the cards name metrics that are not built in (evaluate Hub ids, metric scripts): "
+        "evaluate.load downloads and runs them as code",
+    )
     evaluate.set_defaults(run=evaluate_command)
 
     predict = commands.add_parser(

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import datasets
+from datasets.exceptions import DatasetNotFoundError
 from torch.utils.data import DataLoader
 from transformers import (
     DataCollatorForTokenClassification,
@@ -29,7 +30,7 @@ from transformers import (
 )
 
 from mtnlp.cards import LocalSource, TaskCard
-from mtnlp.errors import UserError
+from mtnlp.errors import UserError, first_line
 from mtnlp.heads import HEADS, IGNORE_INDEX
 
 if TYPE_CHECKING:
@@ -194,13 +195,39 @@ def load_raw(
         else:
             hub = card.source.hub
             hub_split = hub.splits.get(split, split)
-            dataset = datasets.load_dataset(hub.path, hub.name, split=hub_split)
+            dataset = _load_hub(card, hub_split)
             where = f"{hub.path}/{hub.name or ''}:{hub_split}"
         _check_columns(card, dataset, where)
         if len(dataset) == 0:
             raise UserError(f"{where}: the {split} split of task {card.name} has no examples")
         raw[split] = dataset
     return raw
+
+
+def _load_hub(card: TaskCard, split: str) -> datasets.Dataset:
+    """One split of the card's Hub dataset; one line when the Hub cannot be reached (offline, no
+    network) or has no such dataset, instead of datasets' traceback."""
+    hub = card.source.hub
+    named = f"{hub.path}, {hub.name}" if hub.name else hub.path
+    try:
+        return datasets.load_dataset(hub.path, hub.name, split=split)
+    except DatasetNotFoundError as error:
+        raise UserError(
+            f"{card.where}: source.hub: no dataset {named} on the Hugging Face Hub "
+            f"({first_line(error)})"
+        ) from None
+    except ConnectionError as error:  # datasets' words for offline mode and network failures
+        offline = datasets.config.HF_HUB_OFFLINE or "OfflineModeIsEnabled" in str(error)
+        reason = "offline" if offline else first_line(error)
+        instead = (
+            "pass --data-dir with local files"
+            if card.source.local is not None
+            else "give the card a source.local and pass --data-dir with local files"
+        )
+        raise UserError(
+            f"{card.where}: the data comes from the Hugging Face Hub ({named}), which cannot be "
+            f"reached ({reason}); {instead}"
+        ) from None
 
 
 def _check_columns(card: TaskCard, dataset: datasets.Dataset, where: str) -> None:

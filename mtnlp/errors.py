@@ -20,6 +20,12 @@ class UserError(Exception):
     """A mistake in the user's input (card, data file, flag, path): shown as one line, exit 2."""
 
 
+def first_line(error: BaseException) -> str:
+    """The first line of a library's error message (its type name when it has none), to quote
+    inside a one-line `UserError`."""
+    return (str(error).strip() or type(error).__name__).splitlines()[0]
+
+
 def exit_on_user_error(main: F) -> F:
     """Decorate a command-line entry point: a `UserError` prints `error: <message>` and exits 2."""
 

@@ -27,6 +27,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
+from mtnlp.errors import UserError
 from mtnlp.registry import Registry
 
 TASK_LAYERS: Registry[type[nn.Module]] = Registry("task layer type")
@@ -231,10 +232,11 @@ class TaskLayer(nn.Module):
 def build_task_layers(
     specs: list[dict[str, Any]], hidden_size: int
 ) -> tuple[nn.ModuleDict, dict[str, int]]:
-    """Task layers of the tasks that have one, and the input size of every task's head."""
+    """Task layers of the tasks that have one, and the input size of every task's head; a
+    `UserError` when the tasks' stacking is not sound (a model folder's config.json is input)."""
     problems = check_stacking(specs)
     if problems:
-        raise ValueError(
+        raise UserError(
             "; ".join(f"task {task}: {field}: {message}" for task, field, message in problems)
         )
     by_name = {spec["name"]: spec for spec in specs}

@@ -10,7 +10,6 @@ One commit holds everything needed to use the model elsewhere: the encoder and e
 from __future__ import annotations
 
 import json
-import re
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -23,18 +22,24 @@ from huggingface_hub import (
     ModelCard,
     ModelCardData,
 )
-from huggingface_hub.errors import HfHubHTTPError, HFValidationError, LocalTokenNotFoundError
-from huggingface_hub.utils import validate_repo_id
+from huggingface_hub.errors import (
+    HfHubHTTPError,
+    HFValidationError,
+    LocalTokenNotFoundError,
+    OfflineModeIsEnabled,
+)
+from huggingface_hub.utils import httpx, validate_repo_id
 from transformers import PreTrainedTokenizerBase
 
 from mtnlp.cards import TaskCard, load_cards
-from mtnlp.errors import UserError
-from mtnlp.modeling import MultiTaskConfig, MultiTaskModel
+from mtnlp.errors import UserError, first_line
+from mtnlp.modeling import MultiTaskConfig, MultiTaskModel, check_weight_files
 from mtnlp.report import DEV_PLOT, LOSS_PLOT, SHARE_PLOT
 
 LIBRARY_NAME = "mtnlp"
 LABEL_MAPS = "label_maps.json"
 PUSHED_FOLDERS = ("cards", "plots")  # not checkpoints, fine-tuned runs or tracker logs
+PICKLES = (".bin", ".pkl", ".pt", ".pth", ".ckpt")  # never pushed: unpickling runs code
 HUB_TASK_TYPES = {
     "classification": "text-classification",
     "regression": "text-classification",  # the Hub has no regression task type
@@ -87,7 +92,7 @@ def artifact_files(folder: Path) -> dict[str, Path]:
     for path in sorted(folder.iterdir()):
         if path.name.startswith("."):
             continue
-        if path.is_file():
+        if path.is_file() and path.suffix not in PICKLES:
             files[path.name] = path
         elif path.name in PUSHED_FOLDERS:
             for file in sorted(p for p in path.rglob("*") if p.is_file()):
@@ -100,7 +105,17 @@ def _hub_base_model(name: str | None) -> str | None:
     """The `--model` a run started from, if it names a Hub model (not 'tiny', not a folder)."""
     if not name or name == "tiny" or Path(name).exists():
         return None
-    return name if re.fullmatch(r"[\w.-]+(/[\w.-]+)?", name) else None
+    try:
+        validate_repo_id(name)
+    except HFValidationError:  # a path (absolute, ./, ~/) of a folder that is not here
+        return None
+    return name
+
+
+def _local_name(name: str) -> str:
+    """A name as the card shows it: an absolute or home path by its last part only, so the card
+    never shows the folders of the machine it was made on."""
+    return Path(name).name if Path(name).is_absolute() or name.startswith("~") else name
 
 
 def _metric_split(key: str, card: TaskCard | None) -> tuple[str, str]:
@@ -175,6 +190,8 @@ def _origin(base_model: str | None) -> str:
         return ""
     if base_model == "tiny":
         return " (a tiny random encoder, `--model tiny`: a smoke run)"
+    if _hub_base_model(base_model) is None:
+        return f" (from a local encoder folder, `{Path(base_model).name}`)"
     return f" (from `{base_model}`)"
 
 
@@ -223,7 +240,7 @@ def model_card(config: MultiTaskConfig, repo_id: str, run_dir: Path | None = Non
             task["type"],
             cards[task["name"]].description if task["name"] in cards else "",
             ", ".join(task.get("labels") or []) or "(a real value)",
-            ", ".join(task.get("metrics") or []),
+            ", ".join(_local_name(metric) for metric in task.get("metrics") or []),  # scripts
             ", ".join(f"{k} {_format(v)}" for k, v in results.get(task["name"], {}).items()),
         ]
         for task in config.tasks or []
@@ -310,6 +327,7 @@ def push_to_hub(
         if isinstance(model, (str, Path)):
             folder = run_dir = Path(model)
             config = read_config(folder)
+            check_weight_files(folder)  # safetensors, whole: never a pickle-only model
         else:
             folder, config = Path(staging), model.config
             model.save_pretrained(folder)
@@ -336,8 +354,14 @@ def push_to_hub(
             return api.create_commit(
                 repo_id, operations, commit_message=commit_message, token=token
             )
-        except (HfHubHTTPError, LocalTokenNotFoundError, ConnectionError) as error:
-            first_line = (
-                str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        except (ConnectionError, httpx.TransportError) as error:  # offline, or no network
+            reason = (
+                "offline mode: HF_HUB_OFFLINE is set"
+                if isinstance(error, OfflineModeIsEnabled)
+                else first_line(error)
             )
-            raise UserError(f"push to {repo_id}: {first_line}") from None
+            raise UserError(
+                f"push to {repo_id}: cannot reach the Hugging Face Hub ({reason})"
+            ) from None
+        except (HfHubHTTPError, LocalTokenNotFoundError) as error:
+            raise UserError(f"push to {repo_id}: {first_line(error)}") from None

@@ -3,16 +3,22 @@
 Liu et al. 2019, "Multi-Task Deep Neural Networks for Natural Language Understanding". The
 encoder is any Hugging Face `AutoModel` encoder, stored as a sub-config; tasks are plain JSON
 metadata (the `model_spec()` of each card), so `from_pretrained` rebuilds every head from the
-config alone. This module imports only torch, transformers and mtnlp's modeling-side modules.
+config alone. Loading is safetensors only and strict. This module imports only torch, safetensors,
+transformers and mtnlp's modeling-side modules.
 """
 
 from __future__ import annotations
 
 import inspect
+import logging
+import os
+from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
+from safetensors import SafetensorError, safe_open
 from torch import Tensor, nn
 from transformers import AutoConfig, AutoModel, PreTrainedConfig, PreTrainedModel
 from transformers.configuration_utils import SubConfigSpec
@@ -58,6 +64,57 @@ class MultiTaskOutput(ModelOutput):
     logits: Tensor | None = None
     # the run's penalties of this training pass (regularizers.py), set by a forward hook
     regularization: Tensor | None = None
+
+
+def check_weight_files(folder: Path) -> None:
+    """A `UserError` unless `folder` holds safetensors weights whose every file opens whole.
+
+    mtnlp never unpickles a `pytorch_model.bin` (unpickling can run code), and a truncated or
+    garbled file must not reach a loader, whose error would be a traceback.
+    """
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise UserError(f"{folder}: no *.safetensors weights (mtnlp never unpickles models)")
+    for path in files:
+        try:
+            with safe_open(path, framework="pt"):  # reads the header, checks the file's length
+                pass
+        except (SafetensorError, OSError) as error:
+            raise UserError(f"{path}: not a complete safetensors file ({error})") from None
+
+
+def _check_loaded(name: str, info: dict[str, Any]) -> None:
+    """Every weight of the model came from the file and every weight of the file found its place;
+    else a `UserError` naming the first keys of each kind."""
+    kinds = {
+        "missing": info["missing_keys"],
+        "unexpected": info["unexpected_keys"],
+        "other shape": {key for key, *_shapes in info["mismatched_keys"]},
+    }
+    problems = [
+        f"{kind}: {', '.join(sorted(keys)[:3])}{', ...' if len(keys) > 3 else ''}"
+        for kind, keys in kinds.items()
+        if keys
+    ]
+    if problems:
+        raise UserError(
+            f"{name}: the weights do not fit the tasks of its config.json ({'; '.join(problems)})"
+        )
+
+
+def _not_a_load_report(record: logging.LogRecord) -> bool:
+    return "LOAD REPORT" not in str(record.msg)
+
+
+@contextmanager
+def _quiet_load_report():
+    """Mute transformers' table of unfitting weights: `_check_loaded` turns it into the error."""
+    logger = logging.getLogger("transformers.modeling_utils")
+    logger.addFilter(_not_a_load_report)
+    try:
+        yield
+    finally:
+        logger.removeFilter(_not_a_load_report)
 
 
 def _build_encoder(config: PreTrainedConfig) -> PreTrainedModel:
@@ -125,6 +182,34 @@ class MultiTaskModel(PreTrainedModel):
         model.encoder.load_state_dict(state, strict=True)
         model.sharing.load_from_encoder(model.encoder)  # task columns start pretrained
         return model
+
+    @classmethod
+    def from_pretrained(
+        cls, pretrained_model_name_or_path: str | os.PathLike, *model_args: Any, **kwargs: Any
+    ) -> MultiTaskModel:
+        """A trained model from a folder or Hub id: safetensors only, and strict.
+
+        transformers would unpickle a `pytorch_model.bin` and load weights that do not fit the
+        config (other tasks, other head shapes) with a printed report, leaving them random. Here
+        each of these is a `UserError` naming the folder: no safetensors weights, a truncated
+        file, tasks in config.json that cannot be built (a `stack_on` cycle, a layer the encoder
+        lacks), missing, unexpected or mismatched weights. (`AutoModel.from_pretrained` comes
+        here too.)
+        """
+        name = str(pretrained_model_name_or_path)
+        if Path(name).is_dir():
+            check_weight_files(Path(name))
+        loading_info = kwargs.pop("output_loading_info", False)
+        kwargs.update(use_safetensors=True, ignore_mismatched_sizes=True)  # checked below
+        try:
+            with _quiet_load_report():
+                model, info = super().from_pretrained(
+                    pretrained_model_name_or_path, *model_args, output_loading_info=True, **kwargs
+                )
+        except UserError as error:  # raised by __init__: the config's tasks do not build
+            raise UserError(f"{Path(name) / 'config.json'}: {error}") from None
+        _check_loaded(name, info)
+        return (model, info) if loading_info else model
 
     def push_to_hub(self, repo_id: str, **kwargs: Any) -> Any:
         """Push the encoder, every head, the label maps and a model card naming every task (pass

@@ -46,12 +46,12 @@ from mtnlp.checkpointing import (
     save_checkpoint,
 )
 from mtnlp.data import TaskData, load_raw, load_task, make_dataloader
-from mtnlp.errors import UserError
+from mtnlp.errors import UserError, first_line
 from mtnlp.heads import HEADS, IGNORE_INDEX
 from mtnlp.hierarchy import SuccessiveRegularizer
 from mtnlp.hub import push_to_hub
 from mtnlp.metrics import compute_metrics, main_metrics
-from mtnlp.modeling import MultiTaskModel
+from mtnlp.modeling import MultiTaskModel, check_weight_files
 from mtnlp.regularizers import RunRegularizers
 from mtnlp.report import write_report
 from mtnlp.selection import BestCheckpoint
@@ -116,18 +116,18 @@ def load_encoder(
     folder = Path(name).expanduser()
     if name.startswith(("/", ".", "~")) and not folder.is_dir():  # a path, not a Hub id
         raise UserError(f"--model: {name}: no such model folder")
-    if folder.is_dir() and not any(folder.glob("*.safetensors")):
-        raise UserError(f"--model: {name}: no *.safetensors weights (mtnlp never unpickles models)")
     try:
+        if folder.is_dir():
+            check_weight_files(folder)  # safetensors only, and whole
         tokenizer = AutoTokenizer.from_pretrained(name)
-        encoder = AutoModel.from_pretrained(name, use_safetensors=True)  # never unpickles
+        # never unpickles; a trained mtnlp model loads strictly (MultiTaskModel.from_pretrained)
+        encoder = AutoModel.from_pretrained(name, use_safetensors=True)
+    except UserError as error:
+        raise UserError(f"--model: {error}") from None
     except OSError as error:
-        first_line = (
-            str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        )
         raise UserError(
             f"--model: {name}: not a local model folder and not loadable from the Hub "
-            f"({first_line})"
+            f"({first_line(error)})"
         ) from None
     check_tokenizer(name, tokenizer, encoder, cards)
     return tokenizer, encoder

@@ -607,3 +607,286 @@ def test_cards_check_refuses_misfit_metrics(tiny_tasks, tmp_path):
         cases[name].message.format(case=tmp_path)
         for name in ("metric-accuracy-on-regression", "tagging-with-two-inputs")
     ]
+
+
+# ------------------------------------------------------------------------------ hardening: safety
+# Issue 11, items 10, 11, 14, 15: nothing in a model folder runs code or loads half-way, and the
+# Hub being out of reach is one line. Each case breaks a copy of the tiny tasks and of a saved
+# model of them (`{case}/model`), then runs `mtnlp ARGS` in-process: exit 2, one `error:` line.
+@dataclass
+class SafetyCase:
+    id: str
+    setup: Callable[[Path], object]
+    command: tuple[str, ...]
+    message: str
+
+
+TRAIN = (
+    "train", "--model", "tiny", "--cards", "{case}/cards", "--data-dir", "{case}/data",
+    "--output-dir", "{case}/out", "--max-steps", "1", "--batch-size", "4",
+)  # fmt: skip
+EVALUATE = ("evaluate", "{case}/model", "--data-dir", "{case}/data")
+PREDICT = ("predict", "{case}/model", "--input", "{case}/inputs.jsonl")
+PUSH = ("push", "{case}/model", "--hub-model-id", "me/tiny")
+MODEL_CLS_CARD = "{case}/model/cards/cls.yaml"
+NOT_BUILT_IN = (
+    "is not a built-in metric; loading it would run code from evaluate.load; pass "
+    "--allow-custom-metrics to allow it"
+)
+NO_SAFETENSORS = "{case}/model: no *.safetensors weights (mtnlp never unpickles models)"
+TRUNCATED = (
+    "{case}/model/model.safetensors: not a complete safetensors file (Error while deserializing "
+    "header: incomplete metadata, file not fully covered)"
+)
+NO_TOKENIZER = (
+    "{case}/model: no tokenizer files (tokenizer.json / tokenizer_config.json / vocab.txt ...)"
+)
+GLUE_RTE = str(REPO / "tasks" / "glue" / "rte.yaml")
+
+
+def edit(path: str, old: str, new: str) -> Callable[[Path], object]:
+    def setup(case: Path) -> None:
+        file = case / path
+        text = file.read_text()
+        assert old in text
+        file.write_text(text.replace(old, new.format(case=case)))
+
+    return setup
+
+
+def pickle_only(case: Path) -> None:
+    """The model's weights as a pickled `pytorch_model.bin` (torch.save of its state dict)."""
+    import torch
+    from safetensors.torch import load_file
+
+    weights = case / "model" / "model.safetensors"
+    torch.save(load_file(weights), case / "model" / "pytorch_model.bin")
+    weights.unlink()
+
+
+def truncate(path: str) -> Callable[[Path], object]:
+    def setup(case: Path) -> None:
+        file = case / path
+        file.write_bytes(file.read_bytes()[: file.stat().st_size // 2])
+
+    return setup
+
+
+def edit_config(change: Callable[[dict], object]) -> Callable[[Path], object]:
+    def setup(case: Path) -> None:
+        path = case / "model" / "config.json"
+        config = json.loads(path.read_text())
+        change(config["tasks"])
+        path.write_text(json.dumps(config))
+
+    return setup
+
+
+def remove(*names: str) -> Callable[[Path], object]:
+    return lambda case: [(case / name).unlink() for name in names]
+
+
+def checkpoint_of_the_model(meta: dict | None = None, weights: bytes | None = None):
+    """`{case}/out/checkpoint-1`: the model's weights and tokenizer and a checkpoint.json for the
+    tiny tasks (or `meta`), `weights` replacing model.safetensors when given."""
+
+    def setup(case: Path) -> None:
+        from mtnlp.cards import load_cards
+
+        folder = case / "out" / "checkpoint-1"
+        folder.mkdir(parents=True)
+        for name in ("model.safetensors", "tokenizer.json", "tokenizer_config.json"):
+            shutil.copy(case / "model" / name, folder / name)
+        if weights is not None:
+            (folder / "model.safetensors").write_bytes(weights)
+        specs = [card.model_spec() for card in load_cards([case / "cards"])]
+        record = {"step": 1, "tasks": specs, "num_processes": 1} if meta is None else meta
+        (folder / "checkpoint.json").write_text(json.dumps(record))
+
+    return setup
+
+
+HARDENING_SAFETY_CASES = [
+    # ------------------------------------------------------------ item 10: metrics that run code
+    SafetyCase(
+        "evaluate-hub-metric-in-the-model-cards",
+        edit("model/cards/cls.yaml", "- accuracy", "- someone/metric"),
+        EVALUATE,
+        f"{MODEL_CLS_CARD}: metrics: 'someone/metric' {NOT_BUILT_IN}",
+    ),
+    SafetyCase(
+        "evaluate-metric-script-in-given-cards",
+        lambda case: (
+            write("metric.py", f"open({str(case / 'ran')!r}, 'w')\n")(case),  # if it ever runs
+            edit("cards/cls.yaml", "metrics: [accuracy]", "metrics: [{case}/metric.py]")(case),
+        ),
+        (*EVALUATE, "--cards", "{case}/cards"),
+        f"{CLS_CARD}: metrics: '{{case}}/metric.py' {NOT_BUILT_IN}",
+    ),
+    # ------------------------------------------------------------ item 11: safetensors only
+    SafetyCase("evaluate-pickle-only-model", pickle_only, EVALUATE, NO_SAFETENSORS),
+    SafetyCase("predict-pickle-only-model", pickle_only, PREDICT, NO_SAFETENSORS),
+    SafetyCase("push-pickle-only-model", pickle_only, PUSH, NO_SAFETENSORS),
+    SafetyCase(
+        "train-from-pickle-only-mtnlp-model",
+        pickle_only,
+        (*TRAIN, "--model", "{case}/model"),
+        f"--model: {NO_SAFETENSORS}",
+    ),
+    # ------------------------------------------------------------ item 15: damaged model folders
+    SafetyCase(
+        "evaluate-truncated-safetensors", truncate("model/model.safetensors"), EVALUATE, TRUNCATED
+    ),
+    SafetyCase(
+        "predict-truncated-safetensors", truncate("model/model.safetensors"), PREDICT, TRUNCATED
+    ),
+    SafetyCase(
+        "train-from-truncated-safetensors",
+        truncate("model/model.safetensors"),
+        (*TRAIN, "--model", "{case}/model"),
+        f"--model: {TRUNCATED}",
+    ),
+    SafetyCase(
+        "resume-truncated-safetensors",
+        checkpoint_of_the_model(weights=b"\x10\x00\x00\x00\x00\x00\x00\x00{"),
+        (*TRAIN, "--resume-from-checkpoint", "latest"),
+        "--resume-from-checkpoint: {case}/out/checkpoint-1/model.safetensors: not a complete "
+        "safetensors file (Error while deserializing header: invalid header length)",
+    ),
+    SafetyCase(
+        "resume-empty-checkpoint-json",
+        checkpoint_of_the_model(meta={}),
+        (*TRAIN, "--resume-from-checkpoint", "latest"),
+        "{case}/out/checkpoint-1/checkpoint.json: step: missing",
+    ),
+    SafetyCase(
+        "resume-checkpoint-json-step-not-a-number",
+        checkpoint_of_the_model(meta={"step": "1", "tasks": []}),
+        (*TRAIN, "--resume-from-checkpoint", "latest"),
+        "{case}/out/checkpoint-1/checkpoint.json: step: expected a step number (an integer >= 0), "
+        "got '1'",
+    ),
+    SafetyCase(
+        "evaluate-stack-on-cycle-in-config",
+        edit_config(
+            lambda tasks: [tasks[0].update(stack_on="tag"), tasks[2].update(stack_on="cls")]
+        ),
+        EVALUATE,
+        "{case}/model/config.json: task cls: stack_on: stack_on forms a cycle (cls -> tag -> cls); "
+        "task tag: stack_on: stack_on forms a cycle (tag -> cls -> tag)",
+    ),
+    SafetyCase(
+        "evaluate-heads-of-other-shapes",
+        edit_config(lambda tasks: tasks[0].update(labels=["neg", "pos", "mixed"])),
+        EVALUATE,
+        "{case}/model: the weights do not fit the tasks of its config.json (other shape: "
+        "heads.cls.out.bias, heads.cls.out.weight)",
+    ),
+    SafetyCase(  # transformers alone would load this with a random `sent` head
+        "predict-heads-of-other-tasks",
+        edit_config(lambda tasks: tasks[0].update(name="sent")),
+        PREDICT,
+        "{case}/model: the weights do not fit the tasks of its config.json (missing: "
+        "heads.sent.out.bias, heads.sent.out.weight; unexpected: heads.cls.out.bias, "
+        "heads.cls.out.weight)",
+    ),
+    SafetyCase(
+        "evaluate-no-tokenizer",
+        remove("model/tokenizer.json", "model/tokenizer_config.json"),
+        EVALUATE,
+        NO_TOKENIZER,
+    ),
+    SafetyCase(
+        "predict-no-tokenizer",
+        remove("model/tokenizer.json", "model/tokenizer_config.json"),
+        PREDICT,
+        NO_TOKENIZER,
+    ),
+    # ------------------------------------------------------------ item 14: the Hub out of reach
+    SafetyCase(
+        "evaluate-offline-without-data-dir",
+        edit(
+            "model/cards/cls.yaml",
+            "source:\n",
+            "source:\n  hub: {{path: nyu-mll/glue, name: sst2}}\n",
+        ),
+        ("evaluate", "{case}/model", "--tasks", "cls"),
+        f"{MODEL_CLS_CARD}: the data comes from the Hugging Face Hub (nyu-mll/glue, sst2), which "
+        "cannot be reached (offline); pass --data-dir with local files",
+    ),
+    SafetyCase(
+        "train-offline-without-data-dir",
+        lambda case: None,
+        ("train", "--model", "tiny", "--cards", GLUE_RTE, "--output-dir", "{case}/out"),
+        f"{GLUE_RTE}: the data comes from the Hugging Face Hub (nyu-mll/glue, rte), which cannot "
+        "be reached (offline); pass --data-dir with local files",
+    ),
+    SafetyCase(
+        "train-hub-encoder-offline-not-cached",
+        lambda case: None,
+        (*TRAIN, "--model", "nobody-xyz/no-such-encoder"),
+        "--model: nobody-xyz/no-such-encoder: not a local model folder and not loadable from the "
+        "Hub (We couldn't connect to 'https://huggingface.co' to load the files, and couldn't "
+        "find them in the cached files.)",
+    ),
+    SafetyCase(
+        "push-offline",
+        lambda case: None,
+        PUSH,
+        "push to me/tiny: cannot reach the Hugging Face Hub (offline mode: HF_HUB_OFFLINE is set)",
+    ),
+]
+
+
+@pytest.fixture(scope="module")
+def tiny_model_folder(tiny_tasks, tmp_path_factory) -> Path:
+    """A saved, untrained model of the tiny tasks (what `training.save_run` writes)."""
+    import torch
+
+    from mtnlp.cards import load_cards
+    from mtnlp.modeling import MultiTaskModel
+    from mtnlp.tiny import tiny_bert
+
+    cards = load_cards([tiny_tasks / "cards"])
+    tokenizer = train_wordpiece(["the cat sat on a mat", "alice ran to bob"], vocab_size=60)
+    torch.manual_seed(0)
+    model = MultiTaskModel.from_encoder(tiny_bert(tokenizer), [c.model_spec() for c in cards])
+    folder = tmp_path_factory.mktemp("safety") / "model"
+    training.save_run(folder, model, tokenizer, cards, {}, [], {})
+    return folder
+
+
+def test_the_safety_table_is_complete():
+    ids = [case.id for case in HARDENING_SAFETY_CASES]
+    assert len(ids) == len(set(ids)) >= 20
+
+
+@pytest.mark.parametrize("case", HARDENING_SAFETY_CASES, ids=[c.id for c in HARDENING_SAFETY_CASES])
+def test_safety_bad_input_gives_its_exact_error(
+    case, tiny_tasks, tiny_model_folder, tmp_path, monkeypatch, capsys
+):
+    import datasets
+    from huggingface_hub import constants
+
+    from mtnlp.cli import main
+
+    # an empty cache: the Hub cases must not find the data or encoder cached from another run
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf" / "datasets")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    shutil.copytree(tiny_tasks / "cards", tmp_path / "cards")
+    shutil.copytree(tiny_tasks / "data", tmp_path / "data")
+    shutil.copytree(tiny_model_folder, tmp_path / "model")
+    (tmp_path / "inputs.jsonl").write_text('{"text": "the cat sat"}\n')
+    case.setup(tmp_path)
+    reset_accelerate()
+    try:
+        with pytest.raises(SystemExit) as exit_info:
+            main([arg.format(case=tmp_path) for arg in case.command])
+    finally:
+        reset_accelerate()
+    stderr = capsys.readouterr().err
+    assert exit_info.value.code == 2
+    assert stderr.strip().splitlines()[-1] == f"error: {case.message.format(case=tmp_path)}"
+    assert "Traceback" not in stderr and "LOAD REPORT" not in stderr
+    assert not (tmp_path / "ran").exists()  # no metric script ran

@@ -183,7 +183,7 @@ def test_stacking_problems_are_named():
     assert problems[1] == ("b", "stack_on", "stack_on forms a cycle (b -> c -> b)")
     message = "task 'r' has no labels to embed; set label_embeddings: false"
     assert problems[3] == ("d", "task_layer.label_embeddings", message)
-    with pytest.raises(ValueError, match="task a: stack_on: no task 'zzz'"):
+    with pytest.raises(UserError, match="task a: stack_on: no task 'zzz'"):
         build(specs[:1])
 
 
