@@ -83,7 +83,12 @@ class TrainArguments:
     eval_every: int | None = field(
         default=None, metadata=_help("evaluate every N steps (always at the end)")
     )
-    log_every: int = field(default=50, metadata=_help("log task shares and losses every N steps"))
+    log_every: int | None = field(
+        default=None,
+        metadata=_help(
+            "log task shares and losses every N steps (default: 50, or steps/20 in shorter runs)"
+        ),
+    )
     sampler: str = field(
         default="proportional",
         metadata=_help(
@@ -210,11 +215,11 @@ class TrainArguments:
     hub_private: bool = field(default=False, metadata=_help("create the Hub repository as private"))
 
     def __post_init__(self) -> None:
-        positive = ("batch_size", "eval_batch_size", "gradient_accumulation_steps", "log_every")
+        positive = ("batch_size", "eval_batch_size", "gradient_accumulation_steps")
         for name in positive:
             if getattr(self, name) <= 0:
                 raise UserError(f"--{name.replace('_', '-')}: must be positive")
-        optional = ("max_steps", "max_train_samples", "max_eval_samples", "eval_every")
+        optional = ("max_steps", "max_train_samples", "max_eval_samples", "eval_every", "log_every")
         reliability = ("checkpoint_every", "keep_checkpoints", "max_bad_steps")
         for name in (*optional, *reliability):
             value = getattr(self, name)
