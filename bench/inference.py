@@ -117,7 +117,7 @@ def memory(model_folder: str, texts: list[str], k: int, batch_size: int) -> dict
         pipeline(texts, tasks=pipeline.tasks)
     size = sum(p.numel() * p.element_size() for p in pipeline.model.parameters())
     result["mtnlp"] = {"peak_rss_mb_inference": peak.mb, "parameters_mb": size / 2**20}
-    tokenizer, max_length = pipeline.tokenizer, pipeline.max_length
+    tokenizer, max_length = pipeline.tokenizer, pipeline.max_length_of(pipeline.tasks[0])
     del pipeline
     gc.collect()
     with PeakRSS() as peak:
@@ -140,7 +140,7 @@ def measure(
     largest = max(ks)
     pipeline = build_mtnlp(model_folder, largest, batch_size)
     models = build_separate(model_folder, largest)
-    tokenizer, max_length = pipeline.tokenizer, pipeline.max_length
+    tokenizer, max_length = pipeline.tokenizer, pipeline.max_length_of(pipeline.tasks[0])
     batches = [
         tokenizer(
             texts[start : start + batch_size],

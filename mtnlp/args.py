@@ -125,8 +125,11 @@ class TrainArguments:
     eval_every: PositiveInt | None = field(
         default=None, metadata=_help("evaluate every N steps (always at the end)")
     )
-    log_every: PositiveInt = field(
-        default=50, metadata=_help("log task shares and losses every N steps")
+    log_every: PositiveInt | None = field(
+        default=None,
+        metadata=_help(
+            "log task shares and losses every N steps (default: 50, or steps/20 in shorter runs)"
+        ),
     )
     sampler: str = field(
         default="proportional",

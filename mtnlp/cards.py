@@ -49,6 +49,7 @@ EXPECTED = {
     "files": "a mapping of split name to file path",
     "columns": "a mapping of card column to file column",
     "splits": "a mapping of split name to Hub split name",
+    "split_options": "a mapping of split name to reading options",
 }
 
 
@@ -66,6 +67,15 @@ class HubSource(_Strict):
     )
 
 
+class SplitOptions(_Strict):
+    """Reading options of one split's file that differ from the source's, e.g. GLUE's CoLA test
+    file, which has a header line where the train and dev files have none."""
+
+    header: bool | None = Field(None, description="tsv/csv: the first line names the columns")
+    column_names: list[str] | None = Field(None, description="names of the file's columns")
+    columns: dict[str, str] | None = Field(None, description="card column -> file column")
+
+
 class LocalSource(_Strict):
     """How to read the same task from local files, relative to `--data-dir`."""
 
@@ -79,6 +89,9 @@ class LocalSource(_Strict):
         default_factory=dict, description="card column -> file column, where they differ"
     )
     encoding: str = Field("utf-8-sig", description="text encoding (utf-8-sig also drops a BOM)")
+    split_options: dict[str, SplitOptions] = Field(
+        default_factory=dict, description="split name -> options that differ for its file"
+    )
 
     @field_validator("encoding")
     @classmethod
@@ -108,11 +121,24 @@ class LocalSource(_Strict):
 
     @model_validator(mode="after")
     def _needs_column_names(self) -> LocalSource:
-        headerless = self.format == "conll" or not self.header
-        # CoNLL-U has ten fixed columns (id, form, lemma, upos, ...); JSON names its own fields
-        if headerless and self.format not in ("json", "conllu") and not self.column_names:
-            raise ValueError(f"column_names: required for format {self.format!r} without a header")
+        unknown = sorted(set(self.split_options) - set(self.files))
+        if unknown:
+            raise ValueError(f"split_options: no file for split(s) {', '.join(unknown)}")
+        for split in ["", *self.split_options]:
+            local = self.for_split(split)
+            headerless = local.format == "conll" or not local.header
+            # CoNLL-U has ten fixed columns (id, form, lemma, upos, ...); JSON names its fields
+            if headerless and local.format not in ("json", "conllu") and not local.column_names:
+                field = f"split_options.{split}.column_names" if split else "column_names"
+                raise ValueError(f"{field}: required for format {local.format!r} without a header")
         return self
+
+    def for_split(self, split: str) -> LocalSource:
+        """The options that read `split`'s file: its `split_options` over the source's."""
+        options = self.split_options.get(split)
+        if options is None:
+            return self
+        return self.model_copy(update=options.model_dump(exclude_none=True))
 
 
 class DataSource(_Strict):
@@ -163,6 +189,31 @@ class TaskLayerOptions(_Strict):
         return value
 
 
+class Submission(_Strict):
+    """How `mtnlp predict --split` writes a split's predictions: a TSV file per split with the
+    header `index<TAB>prediction` (the GLUE benchmark's submission format)."""
+
+    files: dict[str, str] = Field(
+        default_factory=dict,
+        description="split name -> file name in --output-dir (default: <task>.tsv, or "
+        "<task>-<split>.tsv for one of several splits)",
+    )
+    label_format: Literal["name", "index"] = Field(
+        "name", description="classification: write the label's name or its index"
+    )
+    index_column: str = Field(
+        "index", description="column of example ids (without it: the example's position)"
+    )
+
+    @field_validator("files")
+    @classmethod
+    def _plain_names(cls, value: dict[str, str]) -> dict[str, str]:
+        for name in value.values():
+            if not name or Path(name).name != name or name.startswith("."):
+                raise ValueError(f"{name!r} must be a file name, not a path")
+        return value
+
+
 class TaskCard(_Strict):
     """One task: what to read, how to encode it, which head learns it and how it is scored."""
 
@@ -195,6 +246,9 @@ class TaskCard(_Strict):
     train_split: str = Field("train", description="split used for training")
     eval_splits: list[str] = Field(
         default_factory=lambda: ["validation"], min_length=1, description="dev splits"
+    )
+    submission: Submission = Field(
+        default_factory=Submission, description="prediction files of `mtnlp predict --split`"
     )
 
     _path: Path | None = PrivateAttr(None)
@@ -309,6 +363,7 @@ class TaskCard(_Strict):
             "inputs": self.inputs,
             "metrics": self.metrics,
             "main_metric": self.resolved_main_metric(),
+            "max_length": self.max_length,  # the pipeline truncates as training did
         }
 
     def to_yaml(self) -> str:

@@ -112,7 +112,9 @@ def read_meta(checkpoint: Path) -> dict[str, Any]:
 
 
 def check_tasks(checkpoint: Path, specs: Sequence[dict[str, Any]]) -> None:
-    """Refuse a checkpoint whose tasks (names, order, or model metadata) differ from the cards'."""
+    """Refuse a checkpoint whose tasks (names, order, or model metadata) differ from the cards'.
+    A key that the checkpoint lacks is metadata added to mtnlp after it was written (such as
+    `max_length`): it is not compared, since the checkpoint cannot say what it was."""
     saved = read_meta(checkpoint)["tasks"]
     specs = json.loads(json.dumps(list(specs)))  # as JSON stores them (tuples become lists)
     saved_names = [spec["name"] for spec in saved]
@@ -123,7 +125,7 @@ def check_tasks(checkpoint: Path, specs: Sequence[dict[str, Any]]) -> None:
             f"this run trains {', '.join(names)} (give the same cards and --tasks, in that order)"
         )
     for old, new in zip(saved, specs, strict=True):
-        for key in sorted((set(old) | set(new)) - _FREE_SPEC_KEYS):
+        for key in sorted(set(old) - _FREE_SPEC_KEYS):
             if old.get(key) != new.get(key):
                 raise UserError(
                     f"--resume-from-checkpoint: {checkpoint}: task {new['name']}: the card's {key} "

@@ -2,7 +2,8 @@
 
     mtnlp train --model tiny --data-dir ../shared/data/glue --tasks rte,mrpc --max-steps 50
     mtnlp evaluate outputs/glue4 --data-dir ../shared/data/glue --max-eval-samples 500
-    echo '{"text": "A gripping film."}' | mtnlp predict outputs/glue4 --tasks sst2,cola
+    echo '{"text": "A gripping film."}' | mtnlp predict outputs/glue4 --tasks cola
+    mtnlp predict outputs/glue4 --split test --data-dir ../shared/data/glue --output-dir glue4-test
     mtnlp cards check tasks/
     mtnlp push outputs/glue4 --hub-model-id your-name/glue4
 
@@ -17,9 +18,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, TextIO
+from typing import TYPE_CHECKING
 
 from mtnlp.errors import USER_ERROR_EXIT_CODE, UserError, exit_on_user_error, first_line
 
@@ -28,6 +29,7 @@ if TYPE_CHECKING:
 
     from mtnlp.cards import TaskCard
     from mtnlp.modeling import MultiTaskModel
+    from mtnlp.pipeline import MultiTaskPipeline
 
 DEFAULT_CARDS = Path("tasks/glue")  # relative to the working folder, as in a checkout
 # a saved tokenizer has at least one of these (fast: tokenizer.json; any: tokenizer_config.json)
@@ -158,48 +160,70 @@ def evaluate_command(args: argparse.Namespace) -> None:
         print(json.dumps(results, indent=2))
 
 
-def read_inputs(file: TextIO, where: str, chunk: int) -> Iterator[tuple[int, list[dict]]]:
-    """(first line number, parsed lines) in chunks; every line must be a JSON object."""
-    lines: list[dict] = []
-    first = 1
-    for number, line in enumerate(file, start=1):
-        try:
-            value = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise UserError(f"{where}: line {number}: not JSON ({error.msg})") from None
-        if not isinstance(value, dict):
-            raise UserError(f'{where}: line {number}: expected {{"text": ...}}, got {line.strip()}')
-        lines.append(value)
-        if len(lines) == chunk:
-            yield first, lines
-            first, lines = number + 1, []
-    if lines:
-        yield first, lines
-
-
 def predict_command(args: argparse.Namespace) -> None:
-    """`mtnlp predict`: one JSON line out (task -> prediction) per JSON line in."""
+    """`mtnlp predict`: one JSON line out (task -> prediction, after the row's other keys) per
+    row in; or, with `--split`, one prediction file per task of the model's cards."""
+    check_predict_flags(args)
+    if args.split:
+        predict_split_command(args)
+        return
+    from mtnlp.prediction import RowPredictor, chunks, input_format, read_rows
+
+    source = args.input or "-"
+    where = "stdin" if source == "-" else source
+    try:
+        file = sys.stdin.buffer if source == "-" else open(source, "rb")  # noqa: SIM115
+    except OSError as error:
+        raise UserError(f"--input: {source}: {error.strerror}") from None
+    with file:
+        predict = RowPredictor(pipeline_of(args), _task_list(args.tasks), where)
+        rows = read_rows(file, where, input_format(source, args.format))
+        for chunk in chunks(rows, args.batch_size):
+            for result in predict(chunk):
+                print(json.dumps(result, ensure_ascii=False))
+            sys.stdout.flush()
+
+
+def check_predict_flags(args: argparse.Namespace) -> None:
+    """`--split` reads the cards' data (`--data-dir`, `--cards`) into `--output-dir`; rows are
+    read from `--input` (`--format`). Mixing the two is a mistake."""
+    split_only = {
+        "--data-dir": args.data_dir,
+        "--cards": args.cards,
+        "--output-dir": args.output_dir,
+    }
+    if args.split:
+        for flag, value in {"--input": args.input, "--format": args.format}.items():
+            if value is not None:
+                raise UserError(f"{flag}: not with --split (which reads the cards' data)")
+        return
+    for flag, value in split_only.items():
+        if value is not None:
+            raise UserError(f"{flag}: only with --split")
+
+
+def pipeline_of(args: argparse.Namespace) -> MultiTaskPipeline:
+    """The pipeline of `--model` with `--device`, `--dtype` and `--batch-size`."""
     from mtnlp.pipeline import MultiTaskPipeline
 
     model, tokenizer = load_model(args.model)
-    pipeline = MultiTaskPipeline(
+    return MultiTaskPipeline(
         model, tokenizer, device=args.device, dtype=args.dtype, batch_size=args.batch_size
     )
-    tasks = _task_list(args.tasks)
-    where = "stdin" if args.input == "-" else args.input
-    try:
-        file = sys.stdin if args.input == "-" else open(args.input, encoding="utf-8")  # noqa: SIM115
-    except OSError as error:
-        raise UserError(f"--input: {args.input}: {error.strerror}") from None
-    with file:
-        for first, lines in read_inputs(file, where, args.batch_size):
-            try:
-                results = pipeline(lines, tasks, number_from=first)
-            except UserError as error:  # inputs are numbered by line
-                raise UserError(f"{where}: {error}") from None
-            for result in results:
-                print(json.dumps(result, ensure_ascii=False))
-            sys.stdout.flush()
+
+
+def predict_split_command(args: argparse.Namespace) -> None:
+    """`mtnlp predict MODEL --split test`: a split of the model's cards into prediction files."""
+    from mtnlp.cards import load_cards
+    from mtnlp.prediction import check_cards_fit, predict_split
+
+    pipeline = pipeline_of(args)
+    cards = load_cards(args.cards or [model_cards(args.model)], _task_list(args.tasks))
+    check_cards_fit(cards, args.model, pipeline.model.config)
+    data_dirs = [Path(folder) for folder in args.data_dir] if args.data_dir else None
+    output_dir = Path(args.output_dir or "predictions")
+    for path, rows in predict_split(pipeline, cards, args.split, data_dirs, output_dir):
+        print(f"{path}: {rows} predictions")
 
 
 def cards_check_command(args: argparse.Namespace) -> None:
@@ -267,13 +291,29 @@ def build_parser() -> argparse.ArgumentParser:
 
     predict = commands.add_parser(
         "predict",
-        help="predictions on JSON lines",
-        description='Predictions for JSON lines {"text": ...} or {"text": ..., "text_pair": ...}; '
-        "one JSON line out per line in, keyed by task. Input N in errors is line N.",
+        help="predictions on JSON lines, CSV or TSV rows, or a split of the cards' data",
+        description='Predictions for rows with {"text": ...} or {"text": ..., "text_pair": ...} '
+        "or the columns the cards read (e.g. sentence1, sentence2): one JSON line out per row "
+        "in, keyed by task after the row's other keys (such as id). Input N in errors is line N. "
+        "With --split: the split of every card (the model's cards/), one "
+        "index<TAB>prediction file per task (GLUE's submission format).",
     )
     predict.add_argument("model", help="trained model folder (or Hub id)")
     predict.add_argument("--tasks", help="comma-separated tasks (default: every task that fits)")
-    predict.add_argument("--input", default="-", help="JSON-lines file, or - for stdin")
+    predict.add_argument(
+        "--input", help="JSON-lines, CSV or TSV file (by its extension), or - for stdin (default)"
+    )
+    predict.add_argument(
+        "--format", choices=["jsonl", "csv", "tsv"], help="input format (default: by extension)"
+    )
+    predict.add_argument("--split", help="predict this split of the cards' data, e.g. test")
+    predict.add_argument(
+        "--data-dir", nargs="+", help="--split: read the cards' local files here (else the Hub)"
+    )
+    predict.add_argument("--cards", nargs="+", help="--split: task cards (default: the model's)")
+    predict.add_argument(
+        "--output-dir", help="--split: folder of the prediction files (default: predictions)"
+    )
     predict.add_argument("--batch-size", type=_positive, default=32, help="inputs per batch")
     predict.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cpu)")
     predict.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="model precision")

@@ -144,25 +144,31 @@ def _holds_no_rows(path: Path, local: LocalSource) -> bool:
     return len(lines) <= (1 if local.format in ("tsv", "csv") and local.header else 0)
 
 
-def _read_local_file(card: TaskCard, path: Path, split: str) -> datasets.Dataset:
+def _read_local_file(card: TaskCard, path: Path, split: str, labels: bool) -> datasets.Dataset:
+    local = card.source.local.for_split(split)
     try:
-        builder, kwargs = _reader_kwargs(card.source.local, path)
+        builder, kwargs = _reader_kwargs(local, path)
         dataset = datasets.load_dataset(
             builder, data_files={"data": str(path)}, split="data", **kwargs
         )
     except Exception as error:  # datasets wraps parser errors in several types
         cause = _root_cause(error)
         if isinstance(cause, UnicodeDecodeError):
-            line, byte = _undecodable_at(path, card.source.local.encoding)
-            reason = f"line {line}: not valid {card.source.local.encoding} text (byte {byte})"
-        elif _holds_no_rows(path, card.source.local):  # the builders fail on an empty file
+            line, byte = _undecodable_at(path, local.encoding)
+            reason = f"line {line}: not valid {local.encoding} text (byte {byte})"
+        elif _holds_no_rows(path, local):  # the builders fail on an empty file
             reason = f"the {split} split of task {card.name} has no examples"
         else:
-            reason = f"could not read as {card.source.local.format}: {_no_content(cause)}"
+            reason = f"could not read as {local.format}: {_no_content(cause)}"
         raise UserError(f"{path}: {reason}") from None
-    if card.source.local.format == "conllu":
+    if local.format == "conllu":
         dataset = dataset.map(_drop_multiword_and_empty_nodes, desc=f"{card.name}: CoNLL-U words")
-    renames = {file: ours for ours, file in card.source.local.columns.items() if file != ours}
+    renames = {
+        file: ours
+        for ours, file in local.columns.items()
+        # a test file has no label column to rename
+        if file != ours and (labels or ours != card.label_column or file in dataset.column_names)
+    }
     missing = [file for file in renames if file not in dataset.column_names]
     if missing:
         raise UserError(
@@ -179,10 +185,15 @@ def _drop_multiword_and_empty_nodes(sentence: dict[str, list[str]]) -> dict[str,
 
 
 def load_raw(
-    card: TaskCard, splits: Sequence[str], data_dirs: Sequence[Path] | None = None
+    card: TaskCard,
+    splits: Sequence[str],
+    data_dirs: Sequence[Path] | None = None,
+    *,
+    labels: bool = True,
 ) -> dict[str, datasets.Dataset]:
     """The card's `splits`, untokenized, from local files when `data_dirs` is given (and the
-    card has a local source), else from the Hub."""
+    card has a local source), else from the Hub; `labels=False` reads splits that may have no
+    label column (test sets)."""
     raw: dict[str, datasets.Dataset] = {}
     use_local = bool(data_dirs) and card.source.local is not None
     if not use_local and card.source.hub is None:
@@ -190,14 +201,14 @@ def load_raw(
     for split in splits:
         if use_local:
             path = resolve_file(card, split, data_dirs)
-            dataset = _read_local_file(card, path, split)
+            dataset = _read_local_file(card, path, split, labels)
             where = str(path)
         else:
             hub = card.source.hub
             hub_split = hub.splits.get(split, split)
             dataset = _load_hub(card, hub_split)
             where = f"{hub.path}/{hub.name or ''}:{hub_split}"
-        _check_columns(card, dataset, where)
+        _check_columns(card, dataset, where, labels)
         if len(dataset) == 0:
             raise UserError(f"{where}: the {split} split of task {card.name} has no examples")
         raw[split] = dataset
@@ -230,8 +241,8 @@ def _load_hub(card: TaskCard, split: str) -> datasets.Dataset:
         ) from None
 
 
-def _check_columns(card: TaskCard, dataset: datasets.Dataset, where: str) -> None:
-    for column in [*card.inputs, card.label_column]:
+def _check_columns(card: TaskCard, dataset: datasets.Dataset, where: str, labels: bool) -> None:
+    for column in [*card.inputs, card.label_column] if labels else card.inputs:
         if column not in dataset.column_names:
             raise UserError(
                 f"{where}: column {column!r} (named by {card.where}) not found; "
@@ -399,10 +410,13 @@ def tokenize_task(
     dataset: datasets.Dataset,
     where: str,
     label_all_subtokens: bool = False,
+    split: str = "",
 ) -> datasets.Dataset:
-    """Labels encoded and checked, inputs tokenized (truncated to the card's `max_length`)."""
+    """Labels encoded and checked, inputs tokenized (truncated to the card's `max_length`);
+    `split` names the split whose file options (header) number the lines in errors."""
     token_level = HEADS.get(card.type).token_level
-    local = card.source.local if Path(where).is_file() else None  # else read from the Hub
+    from_file = Path(where).is_file()  # else read from the Hub
+    local = card.source.local.for_split(split) if from_file else None
 
     def encode(batch: dict[str, list], indices: list[int]) -> dict[str, list]:
         texts = [batch[column] for column in card.inputs]
@@ -502,7 +516,7 @@ def load_task(
         where = _describe_source(card, split, data_dirs)
         # dev splits label first sub-tokens only, so tagging metrics count every word once
         all_subtokens = label_all_subtokens and split == card.train_split
-        tokenized[split] = tokenize_task(card, tokenizer, dataset, where, all_subtokens)
+        tokenized[split] = tokenize_task(card, tokenizer, dataset, where, all_subtokens, split)
     return TaskData(
         card=card,
         train=tokenized.get(card.train_split) if train else None,

@@ -3,8 +3,10 @@
 MT-DNN (Liu et al. 2019) shares one encoder between every task: the encoder is the cost and the
 heads are cheap. So the pipeline groups the requested tasks by the input they read (a single
 text or a text pair) and runs the encoder once per batch for the whole group. Tagging tasks read
-whitespace-split words (as in training); they share the pass of the sentence tasks whenever both
-tokenizations give the same token ids, which is always the case for WordPiece tokenizers.
+whitespace-split words (as in training). Each task reads its input as training tokenized it:
+truncated to the `max_length` of its card (stored in the model config). Tasks share a pass
+whenever their tokenizations give the same token ids: tagging and sentence tasks do with WordPiece
+tokenizers, and tasks with different `max_length`s do for a batch that neither truncates.
 """
 
 from __future__ import annotations
@@ -131,6 +133,10 @@ class MultiTaskPipeline:
     `max_length`) plus `"entities"` when the tags name entities. One input gives one dict, a list
     gives a list. `tasks=None` runs every task that reads the input's kind (a text or a pair);
     a named task that does not fit an input raises a `UserError`.
+
+    Each task truncates its input at the `max_length` it was trained with (its card's); models
+    saved before mtnlp stored it, and every task when `max_length` is given here, truncate at
+    that length or else the encoder's maximum.
     """
 
     def __init__(
@@ -149,34 +155,44 @@ class MultiTaskPipeline:
         self.tokenizer = tokenizer
         self.batch_size = batch_size
         positions = getattr(model.config.encoder, "max_position_embeddings", 512)
-        self.max_length = max_length or min(tokenizer.model_max_length, positions)
+        self.longest = min(tokenizer.model_max_length, positions)  # what the encoder can read
+        self.max_length = max_length
 
     @property
     def tasks(self) -> list[str]:
         return self.model.config.task_names
+
+    def max_length_of(self, task: str) -> int:
+        """Tokens `task` reads: the pipeline's `max_length`, else the task's own (its card's),
+        else (models saved without it) the encoder's maximum; never more than the encoder's."""
+        own = self.model.config.task(task).get("max_length")
+        return min(self.max_length or own or self.longest, self.longest)
 
     def __call__(
         self,
         inputs: Input | Sequence[Input],
         tasks: Sequence[str] | None = None,
         *,
-        number_from: int = 1,
+        numbers: Sequence[int] | None = None,
     ) -> dict[str, dict] | list[dict[str, dict]]:
         """Predictions of `tasks` (default: all that fit) for one input or a list of inputs;
-        error messages number the inputs from `number_from` (the CLI passes line numbers)."""
+        error messages call the inputs `input <number>`, numbered 1, 2, ... or by `numbers`
+        (the CLI passes line numbers)."""
         single = isinstance(inputs, (str, tuple, dict))
+        values = [inputs] if single else list(inputs)
+        numbers = range(1, len(values) + 1) if numbers is None else numbers
         examples = [
             as_example(value, f"input {number}")
-            for number, value in enumerate([inputs] if single else inputs, start=number_from)
+            for number, value in zip(numbers, values, strict=True)
         ]
-        requested = self._check_tasks(tasks)
+        requested = self.check_tasks(tasks)
         results: list[dict[str, dict]] = [{} for _ in examples]
         for pair in (False, True):  # tasks that read the same kind of input share the encoder
             indices = [i for i, e in enumerate(examples) if (e.text_pair is not None) == pair]
             if not indices:
                 continue
             group = self._tasks_for(
-                requested, pair, explicit=tasks is not None, number=number_from + indices[0]
+                requested, pair, explicit=tasks is not None, number=numbers[indices[0]]
             )
             for start in range(0, len(indices), self.batch_size):
                 chunk = indices[start : start + self.batch_size]
@@ -186,7 +202,9 @@ class MultiTaskPipeline:
                     results[index] = result
         return results[0] if single else results
 
-    def _check_tasks(self, tasks: Sequence[str] | None) -> list[str]:
+    def check_tasks(self, tasks: Sequence[str] | None) -> list[str]:
+        """`tasks` (default: every task of the model), checked: a `UserError` for an unknown
+        task or a tagging task of text pairs."""
         names = self.tasks if tasks is None else list(tasks)
         unknown = [name for name in names if name not in self.tasks]
         if unknown:
@@ -218,38 +236,43 @@ class MultiTaskPipeline:
         return fits
 
     # ------------------------------------------------------------------------ one batch
-    def _tokenize(self, texts: list, pairs: list[str] | None = None, words: bool = False):
+    def _tokenization(self, task: str) -> tuple[bool, int]:
+        """How `task` reads its input, as in training: (split into words, max_length)."""
+        spec = self.model.config.task(task)
+        return HEADS.get(spec["type"]).token_level, self.max_length_of(task)
+
+    def _tokenize(self, examples: list[Example], words: list[list[str]], how: tuple[bool, int]):
+        by_words, max_length = how
+        pairs = [e.text_pair for e in examples] if examples[0].text_pair is not None else None
         return self.tokenizer(
-            texts,
-            pairs,
+            words if by_words else [e.text for e in examples],
+            None if by_words else pairs,
             truncation=True,
-            max_length=self.max_length,
+            max_length=max_length,
             padding=True,
-            is_split_into_words=words,
+            is_split_into_words=by_words,
             return_tensors="pt",
         )
 
     @torch.inference_mode()
     def predict_batch(self, examples: list[Example], tasks: list[str]) -> list[dict[str, dict]]:
-        """Results of `tasks` on examples of one kind; one encoder pass unless the tokenizations
-        of sentence tasks and tagging tasks differ."""
-        tagging = [t for t in tasks if HEADS.get(self.model.config.task(t)["type"]).token_level]
-        sentence = [t for t in tasks if t not in tagging]
+        """Results of `tasks` on examples of one kind. Each task's input is tokenized as in
+        training (`_tokenization`); one encoder pass serves every task whose tokens are the same."""
+        how = {task: self._tokenization(task) for task in tasks}
         words = [example.text.split() for example in examples]
-        passes = []
-        if sentence:
-            pairs = [e.text_pair for e in examples] if examples[0].text_pair is not None else None
-            passes.append((self._tokenize([e.text for e in examples], pairs), sentence))
-        if tagging:
-            by_words = self._tokenize(words, words=True)
-            if passes and torch.equal(passes[0][0]["input_ids"], by_words["input_ids"]):
-                passes = [(by_words, tasks)]  # same tokens: one pass serves both
-            else:
-                passes.append((by_words, tagging))
+        encodings = {
+            key: self._tokenize(examples, words, key) for key in dict.fromkeys(how.values())
+        }
+        runs: dict[tuple[bool, int], list[str]] = {}  # the encoding that runs -> its tasks
+        for key, encoding in encodings.items():
+            ids = encoding["input_ids"]
+            run = next((r for r in runs if torch.equal(encodings[r]["input_ids"], ids)), key)
+            runs.setdefault(run, []).extend(task for task in tasks if how[task] == key)
         results: list[dict[str, dict]] = [{} for _ in examples]
-        for encoding, group in passes:
-            outputs = self.model.forward_tasks(group, **encoding.to(self.device))
-            for task in group:
+        for key, group in runs.items():
+            outputs = self.model.forward_tasks(group, **encodings[key].to(self.device))
+            for task in group:  # a tagging task reads word ids of its own (words) tokenization
+                encoding = encodings[how[task]]
                 decoded = self._decode(task, outputs[task].logits, encoding, words)
                 for result, value in zip(results, decoded, strict=True):
                     result[task] = value

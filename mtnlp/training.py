@@ -354,6 +354,11 @@ class TaskStreams:
             self.iterators[task] = iter(skipped)
 
 
+def default_log_every(total_steps: int) -> int:
+    """Every 50 steps, or often enough for 20 points on the curves of a shorter run."""
+    return max(1, min(50, total_steps // 20))
+
+
 def train(
     args: TrainArguments,
     cards: Sequence[TaskCard],
@@ -445,6 +450,7 @@ def train(
     steps_per_epoch = math.ceil(micro_per_epoch / args.gradient_accumulation_steps)
     total_steps = args.max_steps or max(1, math.ceil(args.epochs * steps_per_epoch))
     num_epochs = math.ceil(total_steps * args.gradient_accumulation_steps / micro_per_epoch)
+    log_every = args.log_every or default_log_every(total_steps)
     # all_tasks mode trains every task in each micro-batch and never asks the sampler
     sampler = build_task_sampler(args, task_sizes, cards, num_epochs, accelerator.num_processes)
 
@@ -549,7 +555,7 @@ def train(
         elif not accelerator.optimizer_step_was_skipped:
             scheduler.step()
         progress.update(1)
-        if step % args.log_every == 0 or step == total_steps:
+        if step % log_every == 0 or step == total_steps:
             record = window_record(
                 step, state.loss_sums, state.window_steps, weighting, accelerator
             )

@@ -890,3 +890,216 @@ def test_safety_bad_input_gives_its_exact_error(
     assert stderr.strip().splitlines()[-1] == f"error: {case.message.format(case=tmp_path)}"
     assert "Traceback" not in stderr and "LOAD REPORT" not in stderr
     assert not (tmp_path / "ran").exists()  # no metric script ran
+
+
+# ------------------------------------------------------------------------------ issue 11: predict
+# `mtnlp predict`'s inputs (items 16, 18): each case prepares folder `case` (a copy of the tiny
+# tasks' cards/ and data/ plus what `setup` writes) and runs `mtnlp predict MODEL FLAGS` on an
+# untrained model of the tiny tasks; `{case}` and `{model}` stand for the folders.
+HARDENING_PREDICT_CASES = [
+    Case(
+        "predict-not-utf8-json",
+        write("in.jsonl", b'{"text": "a"}\n{"text": "caf\xe9"}\n'),
+        "{case}/in.jsonl: line 2: not UTF-8 text (invalid continuation byte at byte 14 of the "
+        "line)",
+        ("--input", "{case}/in.jsonl"),
+    ),
+    Case(
+        "predict-not-utf8-csv",
+        write("in.csv", b"id,sentence\n1,a\n2,\xff\n"),
+        "{case}/in.csv: line 3: not UTF-8 text (invalid start byte at byte 3 of the line)",
+        ("--input", "{case}/in.csv"),
+    ),
+    Case(
+        "predict-lone-surrogate",
+        write("in.jsonl", b'{"text": "\\ud800 x"}\n'),
+        '{case}/in.jsonl: line 1: "text": a lone surrogate (\\ud800) is not text',
+        ("--input", "{case}/in.jsonl"),
+    ),
+    Case(
+        "predict-lone-surrogate-in-passed-key",
+        write("in.jsonl", b'{"text": "a", "id": ["\\udfff"]}\n'),
+        '{case}/in.jsonl: line 1: "id": a lone surrogate (\\udfff) is not text',
+        ("--input", "{case}/in.jsonl"),
+    ),
+    Case(
+        "predict-deeply-nested-json",
+        write("in.jsonl", b'{"text": "a"}\n{"text": "a", "x": ' + b"[" * 100_000 + b"\n"),
+        "{case}/in.jsonl: line 2: JSON nested too deeply",
+        ("--input", "{case}/in.jsonl"),
+    ),
+    Case(
+        "predict-not-json",
+        write("in.jsonl", b'{"text": "a"}\n\n{"text": \n'),
+        "{case}/in.jsonl: line 3: not JSON (Expecting value)",
+        ("--input", "{case}/in.jsonl"),
+    ),
+    Case(
+        "predict-json-nan",
+        write("in.jsonl", b'{"text": "a", "score": NaN}\n'),
+        '{case}/in.jsonl: line 1: "score": NaN or infinity is not JSON',
+        ("--input", "{case}/in.jsonl"),
+    ),
+    Case(
+        "predict-json-huge-integer",
+        write("in.jsonl", b'{"text": "a", "id": ' + b"9" * 5000 + b"}\n"),
+        "{case}/in.jsonl: line 1: not JSON (Exceeds the limit (4300 digits) for integer string "
+        "conversion: value has 5000 digits)",
+        ("--input", "{case}/in.jsonl"),
+    ),
+    Case(
+        "predict-json-array",
+        write("in.jsonl", b'["a"]\n'),
+        '{case}/in.jsonl: line 1: expected a JSON object such as {{"text": ...}}, got an array',
+        ("--input", "{case}/in.jsonl"),
+    ),
+    Case(
+        "predict-text-null",
+        write("in.jsonl", b'{"text": null}\n'),
+        "{case}/in.jsonl: line 1: text: expected a string, got null",
+        ("--input", "{case}/in.jsonl"),
+    ),
+    Case(
+        "predict-column-not-text",
+        write("in.jsonl", b'{"sentence": 3}\n'),
+        "{case}/in.jsonl: line 1: sentence: expected a string, got a number",
+        ("--input", "{case}/in.jsonl"),
+    ),
+    Case(
+        "predict-no-text",
+        write("in.jsonl", b'{"id": 1}\n'),
+        '{case}/in.jsonl: line 1: no text: give "text" (and "text_pair") or the columns that '
+        "tasks read (sentence, sentence1, sentence2, tokens)",
+        ("--input", "{case}/in.jsonl"),
+    ),
+    Case(
+        "predict-key-named-like-a-task",
+        write("in.jsonl", b'{"text": "a", "cls": 1}\n'),
+        "{case}/in.jsonl: line 1: key 'cls' is also a task's name (output lines key the "
+        "predictions by task); rename it",
+        ("--input", "{case}/in.jsonl"),
+    ),
+    Case(
+        "predict-column-of-named-task-missing",
+        write("in.jsonl", b'{"sentence": "a"}\n'),
+        "{case}/in.jsonl: line 1: no text or column 'sentence1', which task reg reads",
+        ("--input", "{case}/in.jsonl", "--tasks", "reg"),
+    ),
+    Case(
+        "predict-pair-for-single-text-task",
+        write("in.jsonl", b'\n{"text": "a", "text_pair": "b"}\n'),
+        "{case}/in.jsonl: input 2 has a text_pair, but task cls reads a single text",
+        ("--input", "{case}/in.jsonl", "--tasks", "cls"),
+    ),
+    Case(
+        "predict-csv-row-length",
+        write("in.csv", b"id,sentence\n\n1,a,b\n"),
+        "{case}/in.csv: line 3: 3 fields, but the header names 2",
+        ("--input", "{case}/in.csv"),
+    ),
+    Case(
+        "predict-csv-header-twice",
+        write("in.tsv", b"sentence\tsentence\na\tb\n"),
+        "{case}/in.tsv: line 1: column 'sentence' appears twice in the header",
+        ("--input", "{case}/in.tsv"),
+    ),
+    Case(
+        "predict-unknown-task",
+        write("in.jsonl", b'{"text": "a"}\n'),
+        "tasks: no task nope in this model; tasks: cls, reg, tag",
+        ("--input", "{case}/in.jsonl", "--tasks", "nope"),
+    ),
+    Case(
+        "predict-input-missing",
+        lambda case: None,
+        "--input: {case}/missing.jsonl: No such file or directory",
+        ("--input", "{case}/missing.jsonl"),
+    ),
+    Case(
+        "predict-split-and-input",
+        lambda case: None,
+        "--input: not with --split (which reads the cards' data)",
+        ("--split", "test", "--input", "{case}/in.jsonl"),
+    ),
+    Case(
+        "predict-data-dir-without-split",
+        lambda case: None,
+        "--data-dir: only with --split",
+        ("--data-dir", "{case}/data"),
+    ),
+    Case(
+        "predict-split-not-in-card",
+        lambda case: None,
+        "{model}/cards/cls.yaml: source.local.files: no test split (splits: train, validation)",
+        ("--split", "test", "--data-dir", "{case}/data"),
+    ),
+    Case(
+        "predict-split-other-labels",
+        edit_card("cls", "labels: [neg, pos]", "labels: [bad, good]"),
+        "{case}/cards/cls.yaml: labels: differ from the labels {model} learned",
+        ("--split", "test", "--data-dir", "{case}/data", "--cards", "{case}/cards"),
+    ),
+    Case(
+        "predict-split-submission-path",
+        edit_card("cls", "metrics:", "submission: {files: {test: ../CLS.tsv}}\nmetrics:"),
+        "{case}/cards/cls.yaml: submission.files: '../CLS.tsv' must be a file name, not a path",
+        ("--split", "test", "--data-dir", "{case}/data", "--cards", "{case}/cards"),
+    ),
+    Case(
+        "predict-split-options-of-unknown-split",
+        edit_card("cls", "    format: tsv\n", "    format: tsv\n    split_options: {test: {}}\n"),
+        "{case}/cards/cls.yaml: source.local.split_options: no file for split(s) test",
+        ("--split", "test", "--data-dir", "{case}/data", "--cards", "{case}/cards"),
+    ),
+    Case(
+        "predict-split-output-dir-is-a-file",
+        write("out", "not a folder"),
+        "--output-dir: {case}/out is a file, not a folder",
+        ("--split", "validation", "--data-dir", "{case}/data", "--output-dir", "{case}/out"),
+    ),
+]
+
+
+@pytest.fixture(scope="module")
+def predict_model(tiny_tasks, tmp_path_factory) -> Path:
+    from tiny_runs import save_tiny_model
+
+    return save_tiny_model(tmp_path_factory.mktemp("predict") / "model", tiny_tasks / "cards")
+
+
+def prepare_predict(case: Case, tiny_tasks: Path, folder: Path, model: Path):
+    """Copy the tiny tasks into `folder`, break them; return (predict flags, expected error)."""
+    shutil.copytree(tiny_tasks / "cards", folder / "cards")
+    shutil.copytree(tiny_tasks / "data", folder / "data")
+    case.setup(folder)
+    flags = [flag.format(case=folder) for flag in case.flags]
+    return ["predict", str(model), *flags], case.message.format(case=folder, model=model)
+
+
+def test_the_predict_table_has_every_case():
+    assert len({case.id for case in HARDENING_PREDICT_CASES}) == len(HARDENING_PREDICT_CASES) == 26
+
+
+@pytest.mark.parametrize("case", HARDENING_PREDICT_CASES, ids=lambda case: case.id)
+def test_predict_bad_input_gives_its_exact_error(case, tiny_tasks, predict_model, tmp_path, capsys):
+    from mtnlp.cli import main
+
+    argv, expected = prepare_predict(case, tiny_tasks, tmp_path, predict_model)
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    out, err = capsys.readouterr()
+    assert err.strip().splitlines()[-1] == f"error: {expected}"
+    assert out == ""  # nothing predicted for an input that has a mistake
+
+
+@pytest.mark.parametrize(
+    "case_id", ["predict-not-utf8-json", "predict-deeply-nested-json", "predict-lone-surrogate"]
+)
+def test_predict_exit_code_2_without_traceback(case_id, tiny_tasks, predict_model, tmp_path):
+    case = next(case for case in HARDENING_PREDICT_CASES if case.id == case_id)
+    argv, expected = prepare_predict(case, tiny_tasks, tmp_path, predict_model)
+    result = run([sys.executable, "-m", "mtnlp.cli", *argv])
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert result.stderr.strip().splitlines()[-1] == f"error: {expected}"
+    assert "Traceback" not in result.stderr

@@ -189,7 +189,7 @@ def test_inputs_that_do_not_fit_a_task(model, tiny_tokenizer):
     with pytest.raises(UserError, match="no task nope in this model; tasks: cls, reg, tag, pair"):
         pipeline("a", tasks=["nope"])
     with pytest.raises(UserError, match=r"input 8: expected a text, a \(text, text_pair\) tuple"):
-        pipeline(["a", {"txt": "b"}], number_from=7)
+        pipeline(["a", {"txt": "b"}], numbers=[3, 8])
     with pytest.raises(UserError, match="dtype: 'int8'; expected one of"):
         MultiTaskPipeline(model, tiny_tokenizer, dtype="int8")
     with pytest.raises(UserError, match=r"device: 'gpu'; expected e\.g\. cpu, cuda or cuda:1"):

@@ -128,6 +128,25 @@ def weights_digest(model) -> str:
     return sha.hexdigest()
 
 
+def save_tiny_model(folder: Path, cards: Path, tasks: list[str] | None = None) -> Path:
+    """Save an untrained tiny model of the cards under `cards` (or of `tasks` among them), with
+    its tokenizer and cards, into `folder`, as training saves a run; return `folder`."""
+    import torch
+
+    from mtnlp.cards import load_cards
+    from mtnlp.modeling import MultiTaskModel
+    from mtnlp.tiny import tiny_bert, train_wordpiece
+    from mtnlp.training import save_run
+
+    chosen = load_cards([cards], tasks)
+    tokenizer = train_wordpiece([" ".join(WORDS), " ".join(NAMES)], vocab_size=100)
+    torch.manual_seed(0)
+    specs = [card.model_spec() for card in chosen]
+    model = MultiTaskModel.from_encoder(tiny_bert(tokenizer), specs)
+    save_run(folder, model, tokenizer, chosen, {}, [], {})
+    return folder
+
+
 # ------------------------------------------------------------------------------ launcher
 WRITE_EVENTS = {"os.mkdir", "os.rename", "os.remove", "os.rmdir", "shutil.rmtree", "shutil.move"}
 
