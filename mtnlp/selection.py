@@ -7,6 +7,7 @@ is the mean over tasks of each task's first metric; every registered metric is h
 from __future__ import annotations
 
 import math
+from typing import Any
 
 from torch import Tensor, nn
 
@@ -19,7 +20,8 @@ def dev_score(results: dict[str, dict[str, float]]) -> float:
 
 class BestCheckpoint:
     """A CPU copy of the model's weights at its best dev score so far (the first one if every
-    score is NaN), to restore before saving."""
+    score is NaN), to restore before saving. Registered for checkpointing (`state_dict`), so a
+    resumed run keeps the best evaluation of the steps before its checkpoint."""
 
     def __init__(self) -> None:
         self.score = -math.inf
@@ -44,3 +46,15 @@ class BestCheckpoint:
             raise RuntimeError("no checkpoint to restore: update() was never called")
         model.load_state_dict(self.state)
         return self.results
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "score": self.score,
+            "step": self.step,
+            "results": self.results,
+            "state": self.state,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.score, self.step = state["score"], state["step"]
+        self.results, self.state = state["results"], state["state"]

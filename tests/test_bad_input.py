@@ -229,7 +229,8 @@ CASES = [
     Case(
         "resume-latest-without-checkpoint",
         lambda case: None,
-        "--resume-from-checkpoint latest: no checkpoint-<step> folder in {case}/out",
+        "--resume-from-checkpoint latest: no checkpoint-<step> folder in {case}/out; run without "
+        "--resume-from-checkpoint to start afresh",
         ("--resume-from-checkpoint", "latest"),
     ),
     Case(
