@@ -347,17 +347,13 @@ def _warn_changed_flags(checkpoint: Path, saved: dict[str, Any], current: dict[s
 
 
 # ------------------------------------------------------------------------------ the lock
-_HELD: set[Path] = set()  # output folders this process holds the lock of
-
-
 @contextmanager
 def output_lock(output_dir: Path, main: bool = True) -> Iterator[None]:
-    """Hold `output_dir`'s lock (main process only; re-entrant within a process): check first
-    that the folder can be created and written, so a bad `--output-dir` fails now, not at the
-    first save. Refuses a folder another live run holds. On leaving, removes the lock file and the
+    """Hold `output_dir`'s lock (the main process; the others only go along): check first that
+    the folder can be created and written, so a bad `--output-dir` fails now, not at the first
+    save. Refuses a folder another live run holds. On leaving, removes the lock file and the
     folders it created if they stayed empty (a run refused early leaves nothing behind)."""
-    key = output_dir.resolve()
-    if not main or key in _HELD:
+    if not main:
         yield
         return
     created = _missing_folders(output_dir)
@@ -366,11 +362,9 @@ def output_lock(output_dir: Path, main: bool = True) -> Iterator[None]:
     except UserError:
         _remove_empty(created)
         raise
-    _HELD.add(key)
     try:
         yield
     finally:
-        _HELD.discard(key)
         (output_dir / LOCK_FILE).unlink(missing_ok=True)
         os.close(descriptor)  # releases the lock
         _remove_empty(created)

@@ -199,7 +199,7 @@ def check_output_dir(path: Path, overwrite: bool, resume: Path | None = None) ->
     first checkpoint leaves), unless told to overwrite or resuming a checkpoint of that folder."""
     if resume is not None and in_folder(resume, path):
         return
-    if not only_leftovers(path) and not overwrite:
+    if path.is_dir() and not overwrite and not only_leftovers(path):
         resumable = list_checkpoints(path)
         hint = ", or --resume-from-checkpoint latest to continue it" if resumable else ""
         raise UserError(
@@ -359,23 +359,7 @@ def train(
     """
     if not cards:
         raise UserError("no tasks to train: give task cards with --cards / --tasks")
-    with output_lock(Path(args.output_dir), PartialState().is_main_process):
-        return _train(args, cards, on_step)
-
-
-def _train(
-    args: TrainArguments,
-    cards: Sequence[TaskCard],
-    on_step: Callable[[int, list[str]], None] | None,
-) -> dict[str, dict[str, float]]:
-    """`train` under the output folder's lock."""
     output_dir = Path(args.output_dir)
-    specs = [card.model_spec() for card in cards]
-    resume = resolve_checkpoint(args.resume_from_checkpoint, output_dir)
-    if resume is not None:
-        check_tasks(resume, specs)
-        check_model(resume, args.model)
-    check_output_dir(output_dir, args.overwrite_output_dir, resume)
     accelerator = Accelerator(
         gradient_accumulation_plugin=GradientAccumulationPlugin(
             num_steps=args.gradient_accumulation_steps, sync_with_dataloader=False
@@ -385,6 +369,24 @@ def _train(
         log_with=trackers(args.report_to),
         project_config=ProjectConfiguration(str(output_dir), logging_dir=str(output_dir / "logs")),
     )
+    with output_lock(output_dir, accelerator.is_main_process):
+        return _train(args, cards, on_step, accelerator)
+
+
+def _train(
+    args: TrainArguments,
+    cards: Sequence[TaskCard],
+    on_step: Callable[[int, list[str]], None] | None,
+    accelerator: Accelerator,
+) -> dict[str, dict[str, float]]:
+    """`train` once the main process holds the output folder's lock."""
+    output_dir = Path(args.output_dir)
+    specs = [card.model_spec() for card in cards]
+    resume = resolve_checkpoint(args.resume_from_checkpoint, output_dir)
+    if resume is not None:
+        check_tasks(resume, specs)
+        check_model(resume, args.model)
+    check_output_dir(output_dir, args.overwrite_output_dir, resume)
     if accelerator.is_main_process:  # a fresh start replaces the logs of the run it overwrites
         clean_leftovers(output_dir, logs=resume is None)
     if accelerator.log_with:
@@ -710,11 +712,12 @@ def run(args: TrainArguments, default_cards: Sequence[str | Path]) -> dict[str, 
     """Load the cards named by the arguments (or the defaults) and train; with
     `--finetune-each`, then fine-tune each task alone from the result (MT-DNN's two stages)."""
     cards = load_cards(args.cards or default_cards, args.task_list)
-    # one lock over both stages: the fine-tuning runs read the multi-task model from the folder
-    with output_lock(Path(args.output_dir), PartialState().is_main_process):
-        results = train(args, cards)
-        if args.finetune_each:
-            from mtnlp.finetune import finetune_each  # it calls train(): imported here, not above
+    results = train(args, cards)
+    if args.finetune_each:
+        from mtnlp.finetune import finetune_each  # it calls train(): imported here, not above
 
+        # the fine-tuning runs read the multi-task model from the folder and write their table
+        # into it: hold its lock (train() has set up accelerate's process state)
+        with output_lock(Path(args.output_dir), PartialState().is_main_process):
             finetune_each(args, cards, results)
     return results

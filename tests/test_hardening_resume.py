@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import signal
+import socket
 from pathlib import Path
 
 import pytest
@@ -321,25 +322,51 @@ def test_a_second_run_into_a_locked_folder_is_refused(tiny, tmp_path):
     assert [p.name for p in output.iterdir()] == [LOCK_FILE]  # the holder's file is left alone
 
 
+def locked(folder: Path) -> bool:
+    """Whether some open file holds `folder`'s lock."""
+    if not (folder / LOCK_FILE).exists():
+        return False
+    descriptor = os.open(folder / LOCK_FILE, os.O_RDWR)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(descriptor)
+
+
 def test_the_lock_is_held_while_training_and_released_after(tiny, tmp_path):
     output = tmp_path / "out"
     held = []
 
-    def try_lock(step: int, tasks: list[str]) -> None:
-        descriptor = os.open(output / LOCK_FILE, os.O_RDWR)
-        try:
-            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            held.append(False)
-        except BlockingIOError:
-            held.append(True)
-        finally:
-            os.close(descriptor)
-        holder = (output / LOCK_FILE).read_text()
-        assert holder.startswith(f"pid {os.getpid()} on ")
+    def check(step: int, tasks: list[str]) -> None:
+        held.append(locked(output))
+        assert (output / LOCK_FILE).read_text() == f"pid {os.getpid()} on {socket.gethostname()}\n"
 
-    train(flags(tiny, output, "cls", "--max-steps", "2"), on_step=try_lock)
+    train(flags(tiny, output, "cls", "--max-steps", "2"), on_step=check)
     assert held == [True, True]
     assert not (output / LOCK_FILE).exists()
+
+
+def test_finetune_each_keeps_the_folder_locked_and_locks_each_stage(tiny, tmp_path, monkeypatch):
+    from mtnlp import finetune
+
+    output, held = tmp_path / "out", []
+    stage_train = finetune.train
+
+    def checked_stage(args, cards):
+        def check(step: int, tasks: list[str]) -> None:
+            held.append((locked(output), locked(Path(args.output_dir))))
+
+        return stage_train(args, cards, check)
+
+    monkeypatch.setattr(finetune, "train", checked_stage)
+    argv = flags(tiny, output, "cls,reg", "--max-steps", "2", "--finetune-each")
+    training.run(parse_args([*argv, "--finetune-max-steps", "1"]), [])
+    assert held == [(True, True), (True, True)]  # each task's stage: its folder and the run's
+    assert not list(output.rglob(LOCK_FILE))
+    assert (output / "finetune_results.json").is_file()
 
 
 def test_a_stale_lock_file_does_not_block(tiny, tmp_path):
@@ -368,10 +395,12 @@ def test_output_dir_is_checked_writable_before_training(tiny, tmp_path, monkeypa
     assert not (tmp_path / "new").exists()  # the folders it made for the check are gone
 
 
-def test_output_lock_is_reentrant_and_leaves_no_empty_folder(tmp_path):
+def test_output_lock_leaves_no_empty_folder_and_excludes_this_process_too(tmp_path):
     output = tmp_path / "a" / "b"
     with output_lock(output):
-        with output_lock(output):  # run() holds it around train()
-            assert (output / LOCK_FILE).is_file()
-        assert (output / LOCK_FILE).is_file()
+        assert (output / LOCK_FILE).read_text() == f"pid {os.getpid()} on {socket.gethostname()}\n"
+        with pytest.raises(UserError), output_lock(output):
+            pass
+        with output_lock(output / "finetuned" / "cls"):  # --finetune-each's nested runs
+            pass
     assert not (tmp_path / "a").exists()
