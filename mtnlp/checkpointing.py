@@ -374,33 +374,42 @@ def _lock(output_dir: Path) -> int:
     """Create `output_dir`, probe a write, take the lock; returns the lock file's descriptor."""
     if output_dir.exists() and not output_dir.is_dir():
         raise UserError(f"--output-dir: {output_dir} is a file, not a folder")
-    lock = output_dir / LOCK_FILE
     try:
         output_dir.mkdir(parents=True, exist_ok=True)
         probe = output_dir / _PROBE.format(pid=os.getpid())
         probe.write_bytes(b"")
         probe.unlink()
-        while True:
-            descriptor = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
-            try:
-                fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                holder = os.read(descriptor, 200).decode("utf-8", "replace").strip() or "a run"
-                os.close(descriptor)
-                raise UserError(
-                    f"--output-dir: {output_dir}: another run is writing into this folder "
-                    f"({holder} holds {lock}); wait for it to end, or give another --output-dir"
-                ) from None
-            # the holder may have removed the file between our open and flock: lock the new one
-            if lock.exists() and os.path.samestat(os.fstat(descriptor), lock.stat()):
-                break
-            os.close(descriptor)
-        os.ftruncate(descriptor, 0)
-        os.write(descriptor, f"pid {os.getpid()} on {socket.gethostname()}\n".encode())
+        while (descriptor := _try_lock(output_dir, output_dir / LOCK_FILE)) is None:
+            pass  # its holder removed the file between our open and flock: lock the new one
     except OSError as error:
         reason = error.strerror or type(error).__name__
         raise UserError(f"--output-dir: {output_dir}: cannot write here ({reason})") from None
     return descriptor
+
+
+def _try_lock(output_dir: Path, lock: Path) -> int | None:
+    """Open and flock `lock`, and write this process into it: its descriptor; None if the file
+    was removed meanwhile. A lock that another process holds is refused, naming it."""
+    descriptor, held = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644), False
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        if os.path.samestat(os.fstat(descriptor), os.stat(lock)):
+            os.ftruncate(descriptor, 0)
+            os.write(descriptor, f"pid {os.getpid()} on {socket.gethostname()}\n".encode())
+            held = True
+            return descriptor
+    except FileNotFoundError:
+        pass
+    except BlockingIOError:
+        holder = os.read(descriptor, 200).decode("utf-8", "replace").strip() or "a run"
+        raise UserError(
+            f"--output-dir: {output_dir}: another run is writing into this folder ({holder} holds "
+            f"{lock}); wait for it to end, or give another --output-dir"
+        ) from None
+    finally:
+        if not held:
+            os.close(descriptor)
+    return None
 
 
 def _missing_folders(folder: Path) -> list[Path]:

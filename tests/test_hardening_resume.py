@@ -404,3 +404,20 @@ def test_output_lock_leaves_no_empty_folder_and_excludes_this_process_too(tmp_pa
         with output_lock(output / "finetuned" / "cls"):  # --finetune-each's nested runs
             pass
     assert not (tmp_path / "a").exists()
+
+
+def test_a_lock_file_removed_before_flock_is_locked_anew(tmp_path, monkeypatch):
+    """Its holder removed the file between this run's open and flock: locking that unlinked file
+    would let a third run lock a new one, so the run opens the path again."""
+    flock, calls = fcntl.flock, []
+
+    def racing_flock(descriptor: int, operation: int) -> None:
+        if not calls:
+            (tmp_path / LOCK_FILE).unlink()
+        calls.append(descriptor)
+        flock(descriptor, operation)
+
+    monkeypatch.setattr(fcntl, "flock", racing_flock)
+    with output_lock(tmp_path):
+        assert len(calls) == 2 and (tmp_path / LOCK_FILE).is_file()
+    assert not (tmp_path / LOCK_FILE).exists()
