@@ -1,24 +1,33 @@
-"""Checkpoints: atomic, rotated, resumable snapshots of a training run under `--output-dir`.
+"""Checkpoints: atomic, rotated, resumable snapshots of a training run under `--output-dir`,
+and the output folder's lock.
 
 A checkpoint is `accelerator.save_state`: the model (safetensors), optimizer, LR scheduler,
 gradient scaler, each process's RNG states, and every object registered with
-`accelerator.register_for_checkpointing` (the task sampler, the loss weighting and the loop's
-`TrainState`: step, data position, running totals), plus the tokenizer. It is written into
+`accelerator.register_for_checkpointing` (the task sampler, the loss weighting, the loop's
+`TrainState`: step, data position, running totals; the `--keep-best` tracker and the successive
+regularization snapshots when used), plus the tokenizer. It is written into
 `.checkpoint-<step>.tmp` and then renamed to `checkpoint-<step>`, so a kill during a save leaves
-every earlier checkpoint intact and at worst a temporary folder that `latest` never picks.
-`checkpoint.json` records the step and the tasks' model metadata, so a checkpoint of other tasks
-is refused before it loads.
+every earlier checkpoint intact and at worst a temporary folder that `latest` never picks (and the
+next run removes). `checkpoint.json` records the step, the tasks' model metadata and the run's
+arguments, so a checkpoint of other tasks or another `--model` is refused before it loads, and a
+state file missing from it is named instead of silently skipped.
+
+One run at a time writes into an output folder: `output_lock` holds an OS lock on
+`OUTPUT/.mtnlp.lock` (released by the kernel when a run dies, so a stale file never blocks).
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
 import re
 import reprlib
 import shutil
-from collections.abc import Sequence
+import socket
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +45,12 @@ CHECKPOINT_META = "checkpoint.json"
 MODEL_FILE = "model.safetensors"
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 _STAGING = ".checkpoint-{step}.tmp"
+LOCK_FILE = ".mtnlp.lock"
+_PROBE = ".mtnlp-probe-{pid}"
+# what a killed run leaves behind: staging folders of checkpoints and of the final save, the
+# lock file, a write probe; and the trackers' logs (accelerate's logging_dir)
+_LEFTOVERS = (_STAGING.format(step="*"), ".saving-*", LOCK_FILE, _PROBE.format(pid="*"))
+LOGS = "logs"
 # model metadata that may change between a checkpoint and its resumed run
 _FREE_SPEC_KEYS = {"metrics", "main_metric", "description"}
 
@@ -61,8 +76,15 @@ def resolve_checkpoint(spec: str | None, output_dir: Path) -> Path | None:
     if spec == "latest":
         found = list_checkpoints(output_dir)
         if not found:
+            way_out = (
+                "run without --resume-from-checkpoint to start afresh"
+                if only_leftovers(output_dir)
+                else "to start afresh, run without --resume-from-checkpoint and with "
+                "--overwrite-output-dir"
+            )
             raise UserError(
-                f"--resume-from-checkpoint latest: no checkpoint-<step> folder in {output_dir}"
+                f"--resume-from-checkpoint latest: no checkpoint-<step> folder in {output_dir}; "
+                f"{way_out}"
             )
         return found[-1]
     path = Path(spec)
@@ -111,6 +133,28 @@ def read_meta(checkpoint: Path) -> dict[str, Any]:
     return meta
 
 
+def in_folder(checkpoint: Path, output_dir: Path) -> bool:
+    """Whether `checkpoint` is one of `output_dir`'s own checkpoints (resuming in place)."""
+    return checkpoint.resolve().parent == output_dir.resolve()
+
+
+def _model_id(model: str) -> str:
+    """`--model` as checkpoints record it: a local folder as its absolute path, else the name."""
+    folder = Path(model).expanduser()
+    return str(folder.resolve()) if folder.is_dir() else model
+
+
+def check_model(checkpoint: Path, model: str) -> None:
+    """Refuse to resume a checkpoint written with another `--model` (its tokenizer, encoder
+    configuration and vocabulary would not be the ones trained)."""
+    saved = read_meta(checkpoint).get("args", {}).get("model")
+    if saved is not None and saved != _model_id(model):
+        raise UserError(
+            f"--resume-from-checkpoint: {checkpoint} was written with --model {saved}; this run "
+            f"has --model {model} (resume with the checkpoint's --model)"
+        )
+
+
 def check_tasks(checkpoint: Path, specs: Sequence[dict[str, Any]]) -> None:
     """Refuse a checkpoint whose tasks (names, order, or model metadata) differ from the cards'.
     A key that the checkpoint lacks is metadata added to mtnlp after it was written (such as
@@ -153,12 +197,14 @@ def save_checkpoint(
     specs: Sequence[dict[str, Any]],
     keep: int | None = None,
     tokenizer: PreTrainedTokenizerBase | None = None,
+    arguments: dict[str, Any] | None = None,
 ) -> Path:
     """Write `checkpoint-<step>` atomically (every process calls this) and keep the newest `keep`.
 
     Each process writes its RNG states into the staging folder (accelerate's layout); everything
     else (the tokenizer too, which a resumed `--model tiny` run reads back), the rename and the
-    rotation are the main process's.
+    rotation are the main process's. `arguments` (the run's flags) go to `checkpoint.json`, for
+    the checks of a resumed run.
     """
     final = output_dir / f"checkpoint-{step}"
     staging = output_dir / _STAGING.format(step=step)
@@ -173,7 +219,10 @@ def save_checkpoint(
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
         meta = {"step": step, "tasks": list(specs), "num_processes": accelerator.num_processes}
-        (staging / CHECKPOINT_META).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+        if arguments is not None:
+            meta["args"] = {**arguments, "model": _model_id(arguments["model"])}
+        text = json.dumps(meta, indent=2, default=str) + "\n"
+        (staging / CHECKPOINT_META).write_text(text, encoding="utf-8")
         _sync_to_disk(staging)
         if final.exists():  # resumed from an earlier step: replace the old copy of this step
             shutil.rmtree(final)
@@ -207,22 +256,85 @@ def _sync_to_disk(folder: Path, recursive: bool = True) -> None:
         os.close(descriptor)
 
 
-def remove_checkpoints(output_dir: Path) -> None:
-    """Delete another run's checkpoints (`--overwrite-output-dir`), so `latest` never finds them."""
-    for path in list_checkpoints(output_dir):
+def _step(checkpoint: Path) -> int:
+    return int(_NAME.match(checkpoint.name)[1])
+
+
+def remove_checkpoints(output_dir: Path, after: int | None = None) -> None:
+    """Delete checkpoints so that `latest` and the rotation never pick them: another run's
+    (`--overwrite-output-dir`), or, resuming at step `after`, the newer ones of the continuation
+    that was abandoned (they would outrank this run's own)."""
+    doomed = [path for path in list_checkpoints(output_dir) if after is None or _step(path) > after]
+    for path in doomed:
         shutil.rmtree(path)
+    if doomed and after is not None:
+        logger.warning(
+            "resuming at step %d: removed %s of %s (newer than the resumed checkpoint, from the "
+            "run that was abandoned there)",
+            after, ", ".join(path.name for path in doomed), output_dir,
+        )  # fmt: skip
+
+
+def only_leftovers(output_dir: Path) -> bool:
+    """Whether `output_dir` is missing, empty, or holds only what a run killed before its first
+    checkpoint leaves (staging folders, the lock file, tracker logs): nothing to resume or lose."""
+    if not output_dir.is_dir():
+        return not output_dir.exists()
+    return all(_is_leftover(path) for path in output_dir.iterdir())
+
+
+def _is_leftover(path: Path) -> bool:
+    return path.name == LOGS or any(path.match(pattern) for pattern in _LEFTOVERS)
+
+
+def clean_leftovers(output_dir: Path, logs: bool) -> None:
+    """Remove killed runs' staging folders (and write probes) from `output_dir`, and, when `logs`
+    (a run starting afresh), the tracker logs of the run it replaces (main process only; the
+    lock file stays: this run holds it)."""
+    if not output_dir.is_dir():
+        return
+    doomed = [
+        path
+        for path in output_dir.iterdir()
+        if _is_leftover(path) and path.name != LOCK_FILE and (logs or path.name != LOGS)
+    ]
+    for path in doomed:
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    if doomed:
+        logger.info("removed leftovers of an earlier run: %s", ", ".join(p.name for p in doomed))
 
 
 # ------------------------------------------------------------------------------ loading
-def load_checkpoint(accelerator: Accelerator, checkpoint: Path) -> int:
-    """Restore everything `save_checkpoint` wrote; returns the checkpoint's step."""
+# flags that change the schedule or the data order: a resumed run with other values goes on, but
+# does not continue the checkpoint's run exactly
+_SCHEDULE_FLAGS = ("batch_size", "gradient_accumulation_steps", "max_steps")
+
+
+def load_checkpoint(
+    accelerator: Accelerator,
+    checkpoint: Path,
+    registered: Sequence[str],
+    arguments: dict[str, Any] | None = None,
+) -> int:
+    """Restore everything `save_checkpoint` wrote; returns the checkpoint's step.
+
+    `registered` names the objects registered for checkpointing, in their order (a missing state
+    file is refused, naming what it holds); `arguments`, the run's flags, are compared with the
+    checkpoint's (a warning for each schedule flag that differs).
+    """
     meta = read_meta(checkpoint)
-    if meta.get("num_processes") != accelerator.num_processes:
-        logger.warning(
-            "%s was written by %s process(es) and is resumed by %d: the data order and RNG "
-            "streams differ, so the run will not match an uninterrupted one exactly",
-            checkpoint, meta.get("num_processes"), accelerator.num_processes,
-        )  # fmt: skip
+    same_processes = meta.get("num_processes") == accelerator.num_processes
+    if accelerator.is_main_process:
+        if not same_processes:
+            logger.warning(
+                "%s was written by %s process(es) and is resumed by %d: the data order and RNG "
+                "streams differ, so the run will not match an uninterrupted one exactly",
+                checkpoint, meta.get("num_processes"), accelerator.num_processes,
+            )  # fmt: skip
+        _warn_changed_flags(checkpoint, meta.get("args", {}), arguments or {})
+    # with another number of processes, the RNG states cannot match anyway (warned above)
+    rng = accelerator.process_index if same_processes else None
+    _check_state_files(checkpoint, registered, rng)
     try:
         check_weight_files(checkpoint)  # a truncated file: its name, not the loader's traceback
     except UserError as error:
@@ -236,6 +348,122 @@ def load_checkpoint(accelerator: Accelerator, checkpoint: Path) -> int:
         ) from None
     logger.info("resumed from %s (step %d)", checkpoint, meta["step"])
     return meta["step"]
+
+
+def _check_state_files(checkpoint: Path, registered: Sequence[str], process: int | None) -> None:
+    """Refuse a checkpoint without a state file this run loads: accelerate would skip a missing
+    RNG state silently (the run then differs from an uninterrupted one)."""
+    expected = {f"custom_checkpoint_{i}.pkl": f"the {name}" for i, name in enumerate(registered)}
+    if process is not None:
+        expected[f"random_states_{process}.pkl"] = "the random number generators' states"
+    for name, holds in expected.items():
+        if not (checkpoint / name).is_file():
+            raise UserError(
+                f"--resume-from-checkpoint: {checkpoint}: {name} is missing ({holds}), so the run "
+                "cannot continue exactly; resume from a complete checkpoint"
+            )
+    saved = len(list(checkpoint.glob("custom_checkpoint_*.pkl")))
+    if saved != len(registered):
+        raise UserError(
+            f"--resume-from-checkpoint: {checkpoint}: holds {saved} saved states, this run has "
+            f"{len(registered)} ({', '.join(registered)}); resume with the options it was written "
+            "with (--keep-best, --block-sparse, --adversarial, successive_regularization)"
+        )
+
+
+def _warn_changed_flags(checkpoint: Path, saved: dict[str, Any], current: dict[str, Any]) -> None:
+    for name in _SCHEDULE_FLAGS:
+        if name in saved and name in current and saved[name] != current[name]:
+            flag = "--" + name.replace("_", "-")
+            logger.warning(
+                "--resume-from-checkpoint: %s was written with %s %s; this run has %s %s, so it "
+                "will not continue that run exactly",
+                checkpoint, flag, saved[name], flag, current[name],
+            )  # fmt: skip
+
+
+# ------------------------------------------------------------------------------ the lock
+@contextmanager
+def output_lock(output_dir: Path, main: bool = True) -> Iterator[None]:
+    """Hold `output_dir`'s lock (the main process; the others only go along): check first that
+    the folder can be created and written, so a bad `--output-dir` fails now, not at the first
+    save. Refuses a folder another live run holds. On leaving, removes the lock file and the
+    folders it created if they stayed empty (a run refused early leaves nothing behind)."""
+    if not main:
+        yield
+        return
+    created = _missing_folders(output_dir)
+    try:
+        descriptor = _lock(output_dir)
+    except UserError:
+        _remove_empty(created)
+        raise
+    try:
+        yield
+    finally:
+        (output_dir / LOCK_FILE).unlink(missing_ok=True)
+        os.close(descriptor)  # releases the lock
+        _remove_empty(created)
+
+
+def _lock(output_dir: Path) -> int:
+    """Create `output_dir`, probe a write, take the lock; returns the lock file's descriptor."""
+    if output_dir.exists() and not output_dir.is_dir():
+        raise UserError(f"--output-dir: {output_dir} is a file, not a folder")
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        probe = output_dir / _PROBE.format(pid=os.getpid())
+        probe.write_bytes(b"")
+        probe.unlink()
+        while (descriptor := _try_lock(output_dir, output_dir / LOCK_FILE)) is None:
+            pass  # its holder removed the file between our open and flock: lock the new one
+    except OSError as error:
+        reason = error.strerror or type(error).__name__
+        raise UserError(f"--output-dir: {output_dir}: cannot write here ({reason})") from None
+    return descriptor
+
+
+def _try_lock(output_dir: Path, lock: Path) -> int | None:
+    """Open and flock `lock`, and write this process into it: its descriptor; None if the file
+    was removed meanwhile. A lock that another process holds is refused, naming it."""
+    descriptor, held = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644), False
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        if os.path.samestat(os.fstat(descriptor), os.stat(lock)):
+            os.ftruncate(descriptor, 0)
+            os.write(descriptor, f"pid {os.getpid()} on {socket.gethostname()}\n".encode())
+            held = True
+            return descriptor
+    except FileNotFoundError:
+        pass
+    except BlockingIOError:
+        holder = os.read(descriptor, 200).decode("utf-8", "replace").strip() or "a run"
+        raise UserError(
+            f"--output-dir: {output_dir}: another run is writing into this folder ({holder} holds "
+            f"{lock}); wait for it to end, or give another --output-dir"
+        ) from None
+    finally:
+        if not held:
+            os.close(descriptor)
+    return None
+
+
+def _missing_folders(folder: Path) -> list[Path]:
+    """`folder` and those of its parents that do not exist, deepest first."""
+    missing = []
+    while not folder.exists() and folder != folder.parent:
+        missing.append(folder)
+        folder = folder.parent
+    return missing
+
+
+def _remove_empty(folders: Sequence[Path]) -> None:
+    """Remove `folders` (deepest first) as long as they are empty."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:
+            return
 
 
 # ------------------------------------------------------------------------------ loop state

@@ -305,7 +305,8 @@ class SuccessiveRegularizer:
     While a task with `successive_regularization: delta > 0` trains, the parameters it shares with
     the task it stacks on are pulled toward their values right after that lower task's latest
     optimizer step. Call `penalty(task)` to add to the task's loss before backward, and
-    `update(task)` after each optimizer step of `task` (it takes the snapshot).
+    `update(task)` after each optimizer step of `task` (it takes the snapshot). The snapshots are
+    its `state_dict` (registered for checkpointing: a resumed run pulls toward the same values).
     """
 
     def __init__(self, model: nn.Module, deltas: Mapping[str, float]) -> None:
@@ -351,3 +352,12 @@ class SuccessiveRegularizer:
                 snapshot[name].copy_(value)
             else:
                 snapshot[name] = value.clone()
+
+    def state_dict(self) -> dict[str, dict[str, Tensor]]:
+        return {task: dict(snapshot) for task, snapshot in self.snapshots.items()}
+
+    def load_state_dict(self, state: Mapping[str, Mapping[str, Tensor]]) -> None:
+        self.snapshots = {
+            task: {name: value.to(self.parameters[name].device) for name, value in snapshot.items()}
+            for task, snapshot in state.items()
+        }

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 from torch import Tensor, nn
 
@@ -25,7 +26,8 @@ def dev_score(results: dict[str, dict[str, float]], main_metrics: MainMetrics) -
 
 class BestCheckpoint:
     """A CPU copy of the model's weights at its best dev score so far (the first one if every
-    score is NaN), to restore before saving."""
+    score is NaN), to restore before saving. Registered for checkpointing (`state_dict`), so a
+    resumed run keeps the best evaluation of the steps before its checkpoint."""
 
     def __init__(self, main_metrics: MainMetrics) -> None:
         self.main_metrics = main_metrics
@@ -51,3 +53,15 @@ class BestCheckpoint:
             raise RuntimeError("no checkpoint to restore: update() was never called")
         model.load_state_dict(self.state)
         return self.results
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "score": self.score,
+            "step": self.step,
+            "results": self.results,
+            "state": self.state,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.score, self.step = state["score"], state["step"]
+        self.results, self.state = state["results"], state["state"]

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from accelerate import Accelerator, skip_first_batches
+from accelerate import Accelerator, PartialState, skip_first_batches
 from accelerate.utils import (
     DistributedDataParallelKwargs,
     GradientAccumulationPlugin,
@@ -38,9 +38,14 @@ from mtnlp.cards import TaskCard, load_cards
 from mtnlp.checkpointing import (
     TrainState,
     check_finite,
+    check_model,
     check_tasks,
+    clean_leftovers,
+    in_folder,
     list_checkpoints,
     load_checkpoint,
+    only_leftovers,
+    output_lock,
     remove_checkpoints,
     resolve_checkpoint,
     save_checkpoint,
@@ -200,13 +205,11 @@ def _training_text(cards: Sequence[TaskCard], data_dirs: Sequence[Path] | None) 
 
 
 def check_output_dir(path: Path, overwrite: bool, resume: Path | None = None) -> None:
-    """Refuse to write into a folder that holds something, unless told to overwrite or resuming
-    a checkpoint of that very folder."""
-    if path.exists() and not path.is_dir():
-        raise UserError(f"--output-dir: {path} is a file, not a folder")
-    if resume is not None and resume.resolve().parent == path.resolve():
+    """Refuse to write into a folder that holds something (beyond what a run killed before its
+    first checkpoint leaves), unless told to overwrite or resuming a checkpoint of that folder."""
+    if resume is not None and in_folder(resume, path):
         return
-    if path.exists() and any(path.iterdir()) and not overwrite:
+    if path.is_dir() and not overwrite and not only_leftovers(path):
         resumable = list_checkpoints(path)
         hint = ", or --resume-from-checkpoint latest to continue it" if resumable else ""
         raise UserError(
@@ -372,11 +375,6 @@ def train(
     if not cards:
         raise UserError("no tasks to train: give task cards with --cards / --tasks")
     output_dir = Path(args.output_dir)
-    specs = [card.model_spec() for card in cards]
-    resume = resolve_checkpoint(args.resume_from_checkpoint, output_dir)
-    if resume is not None:
-        check_tasks(resume, specs)
-    check_output_dir(output_dir, args.overwrite_output_dir, resume)
     accelerator = Accelerator(
         gradient_accumulation_plugin=GradientAccumulationPlugin(
             num_steps=args.gradient_accumulation_steps, sync_with_dataloader=False
@@ -386,6 +384,26 @@ def train(
         log_with=trackers(args.report_to),
         project_config=ProjectConfiguration(str(output_dir), logging_dir=str(output_dir / "logs")),
     )
+    with output_lock(output_dir, accelerator.is_main_process):
+        return _train(args, cards, on_step, accelerator)
+
+
+def _train(
+    args: TrainArguments,
+    cards: Sequence[TaskCard],
+    on_step: Callable[[int, list[str]], None] | None,
+    accelerator: Accelerator,
+) -> dict[str, dict[str, float]]:
+    """`train` once the main process holds the output folder's lock."""
+    output_dir = Path(args.output_dir)
+    specs = [card.model_spec() for card in cards]
+    resume = resolve_checkpoint(args.resume_from_checkpoint, output_dir)
+    if resume is not None:
+        check_tasks(resume, specs)
+        check_model(resume, args.model)
+    check_output_dir(output_dir, args.overwrite_output_dir, resume)
+    if accelerator.is_main_process:  # a fresh start replaces the logs of the run it overwrites
+        clean_leftovers(output_dir, logs=resume is None)
     if accelerator.log_with:
         accelerator.init_trackers("mtnlp", config=tracker_config(args))
     set_seed(args.seed)
@@ -480,17 +498,33 @@ def train(
     for loaders in eval_loaders.values():
         for split in loaders:
             loaders[split] = accelerator.prepare(loaders[split])
-    # everything a resumed run needs beyond the model and optimizer (accelerate saves those)
     state = TrainState(names, streams, accelerator.device)
-    accelerator.register_for_checkpointing(scheduler, sampler, weighting, state)
     epoch_losses = EpochLosses(names, accelerator.device)
-    accelerator.register_for_checkpointing(epoch_losses)
+    best = BestCheckpoint(main_metrics(specs)) if args.keep_best else None
+    # everything a resumed run needs beyond the model and optimizer (accelerate saves those),
+    # named for errors; the order is the checkpoint's layout (custom_checkpoint_<i>.pkl), so a
+    # new object goes at the end
+    registered: dict[str, Any] = {
+        "learning-rate schedule": scheduler,
+        "task sampler": sampler,
+        "loss weighting": weighting,
+        "loop state": state,
+        "epoch losses": epoch_losses,
+    }
     if any(True for _ in extra_losses.parameters()):
-        accelerator.register_for_checkpointing(extra_losses)
+        registered["block-sparse / adversarial regularizers"] = extra_losses
+    if best is not None:
+        registered["--keep-best tracker"] = best
+    if regularizer.deltas:
+        registered["successive regularization snapshots"] = regularizer
+    accelerator.register_for_checkpointing(*registered.values())
     if resume is not None:
-        load_checkpoint(accelerator, resume)
-    elif args.overwrite_output_dir and accelerator.is_main_process:
-        remove_checkpoints(output_dir)
+        resumed_at = load_checkpoint(accelerator, resume, list(registered), vars(args))
+    if accelerator.is_main_process:
+        if resume is not None and in_folder(resume, output_dir):
+            remove_checkpoints(output_dir, after=resumed_at)
+        elif args.overwrite_output_dir:  # another run's (also when resuming one from elsewhere)
+            remove_checkpoints(output_dir)
 
     progress = tqdm(
         total=total_steps,
@@ -511,7 +545,6 @@ def train(
     )
     shared = list(accelerator.unwrap_model(model).encoder.parameters())  # for pcgrad
     eval_every = args.eval_every or (steps_per_epoch if args.keep_best else None)
-    best = BestCheckpoint(main_metrics(specs)) if args.keep_best else None
     model.train()
     for step in range(state.step + 1, total_steps + 1):
         step_losses: list[tuple[str, torch.Tensor]] = []
@@ -582,7 +615,9 @@ def train(
             state.history.append({"step": step, "affinity": affinity})
         if args.checkpoint_every and step % args.checkpoint_every == 0:
             check_finite(step, accelerator.unwrap_model(model), weighting)
-            save_checkpoint(accelerator, output_dir, step, specs, args.keep_checkpoints, tokenizer)
+            save_checkpoint(
+                accelerator, output_dir, step, specs, args.keep_checkpoints, tokenizer, vars(args)
+            )
         if on_step is not None:
             on_step(step, [task for task, _ in step_losses])
     progress.close()
@@ -697,5 +732,8 @@ def run(args: TrainArguments, default_cards: Sequence[str | Path]) -> dict[str, 
     if args.finetune_each:
         from mtnlp.finetune import finetune_each  # it calls train(): imported here, not above
 
-        finetune_each(args, cards, results)
+        # the fine-tuning runs read the multi-task model from the folder and write their table
+        # into it: hold its lock (train() has set up accelerate's process state)
+        with output_lock(Path(args.output_dir), PartialState().is_main_process):
+            finetune_each(args, cards, results)
     return results

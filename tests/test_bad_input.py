@@ -229,7 +229,8 @@ CASES = [
     Case(
         "resume-latest-without-checkpoint",
         lambda case: None,
-        "--resume-from-checkpoint latest: no checkpoint-<step> folder in {case}/out",
+        "--resume-from-checkpoint latest: no checkpoint-<step> folder in {case}/out; run without "
+        "--resume-from-checkpoint to start afresh",
         ("--resume-from-checkpoint", "latest"),
     ),
     Case(
@@ -1100,6 +1101,130 @@ def test_predict_exit_code_2_without_traceback(case_id, tiny_tasks, predict_mode
     case = next(case for case in HARDENING_PREDICT_CASES if case.id == case_id)
     argv, expected = prepare_predict(case, tiny_tasks, tmp_path, predict_model)
     result = run([sys.executable, "-m", "mtnlp.cli", *argv])
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert result.stderr.strip().splitlines()[-1] == f"error: {expected}"
+    assert "Traceback" not in result.stderr
+
+
+# ============================================================================ hardening: resume
+# Issue 11, items 4, 7 and 13: checkpoints that cannot be resumed exactly, output folders that
+# another run holds or that cannot be written.
+_HELD_LOCKS: dict[Path, int] = {}  # case folder -> descriptor of the lock "another run" holds
+
+
+def hold_output_lock(case: Path) -> None:
+    """Lock `case/out` as a live run would (its own open file: flock conflicts in-process too)."""
+    import fcntl
+
+    (case / "out").mkdir()
+    descriptor = os.open(case / "out" / ".mtnlp.lock", os.O_RDWR | os.O_CREAT)
+    fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    os.write(descriptor, b"pid 999 on elsewhere\n")
+    _HELD_LOCKS[case] = descriptor
+
+
+def checkpoint_of_this_run(
+    model: str = "tiny", missing: str = "", states: int = 5
+) -> Callable[[Path], object]:
+    """`out/checkpoint-4` for these very cards, written with `--model model`, holding the
+    tokenizer and accelerate's files (`states` registered objects') as empty stand-ins, without
+    `missing`."""
+
+    def setup(case: Path) -> None:
+        from mtnlp.cards import load_cards
+
+        folder = case / "out" / "checkpoint-4"
+        folder.mkdir(parents=True)
+        train_wordpiece(["the cat sat", "a dog ran"], vocab_size=60).save_pretrained(folder)
+        files = ["model.safetensors", "random_states_0.pkl"]
+        files += [f"custom_checkpoint_{i}.pkl" for i in range(states)]
+        for name in files:
+            if name != missing:
+                (folder / name).write_bytes(b"")
+        specs = [card.model_spec() for card in load_cards([case / "cards"])]
+        meta = {"step": 4, "tasks": specs, "num_processes": 1, "args": {"model": model}}
+        (folder / "checkpoint.json").write_text(json.dumps(meta))
+
+    return setup
+
+
+CHECKPOINT = "--resume-from-checkpoint: {case}/out/checkpoint-4"
+HARDENING_RESUME_CASES = [
+    Case(
+        "output-dir-locked-by-another-run",
+        hold_output_lock,
+        "--output-dir: {case}/out: another run is writing into this folder (pid 999 on elsewhere "
+        "holds {case}/out/.mtnlp.lock); wait for it to end, or give another --output-dir",
+    ),
+    Case(
+        "output-dir-under-a-file",
+        write("somefile", "a file, not a folder"),
+        "--output-dir: {case}/somefile/out: cannot write here (Not a directory)",
+        ("--output-dir", "{case}/somefile/out"),
+    ),
+    Case(
+        "resume-latest-in-a-run-without-checkpoints",
+        write("out/config.json", "{}"),
+        "--resume-from-checkpoint latest: no checkpoint-<step> folder in {case}/out; to start "
+        "afresh, run without --resume-from-checkpoint and with --overwrite-output-dir",
+        ("--resume-from-checkpoint", "latest"),
+    ),
+    Case(
+        "checkpoint-of-another-model",
+        checkpoint_of_this_run(model="/models/bert-base"),
+        f"{CHECKPOINT} was written with --model /models/bert-base; this run has --model tiny "
+        "(resume with the checkpoint's --model)",
+        ("--resume-from-checkpoint", "latest"),
+    ),
+    Case(
+        "checkpoint-without-random-states",
+        checkpoint_of_this_run(missing="random_states_0.pkl"),
+        f"{CHECKPOINT}: random_states_0.pkl is missing (the random number generators' states), "
+        "so the run cannot continue exactly; resume from a complete checkpoint",
+        ("--resume-from-checkpoint", "latest"),
+    ),
+    Case(
+        "checkpoint-without-keep-best-state",
+        checkpoint_of_this_run(),
+        f"{CHECKPOINT}: custom_checkpoint_5.pkl is missing (the --keep-best tracker), so the run "
+        "cannot continue exactly; resume from a complete checkpoint",
+        ("--resume-from-checkpoint", "latest", "--keep-best"),
+    ),
+    Case(
+        "checkpoint-with-more-states-than-this-run",
+        checkpoint_of_this_run(states=6),
+        f"{CHECKPOINT}: holds 6 saved states, this run has 5 (learning-rate schedule, task "
+        "sampler, loss weighting, loop state, epoch losses); resume with the options it was "
+        "written with (--keep-best, --block-sparse, --adversarial, successive_regularization)",
+        ("--resume-from-checkpoint", "latest"),
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    "case", HARDENING_RESUME_CASES, ids=[case.id for case in HARDENING_RESUME_CASES]
+)
+def test_hardening_resume_bad_input(case, tiny_tasks, tmp_path):
+    flags, expected = prepare(case, tiny_tasks, tmp_path)
+    before = snapshot(tmp_path / "out")
+    reset_accelerate()
+    try:
+        with pytest.raises(UserError) as error:
+            training.run(parse_args(flags), default_cards=[])
+    finally:
+        reset_accelerate()
+        if tmp_path in _HELD_LOCKS:
+            os.close(_HELD_LOCKS.pop(tmp_path))
+    assert str(error.value) == expected
+    assert snapshot(tmp_path / "out") == before  # no partial output, the old one untouched
+
+
+def test_hardening_resume_locked_output_dir_exits_2(tiny_tasks, tmp_path):
+    flags, expected = prepare(HARDENING_RESUME_CASES[0], tiny_tasks, tmp_path)
+    try:
+        result = run([*CLI_TRAIN, *flags])
+    finally:
+        os.close(_HELD_LOCKS.pop(tmp_path))
     assert result.returncode == 2, result.stderr[-3000:]
     assert result.stderr.strip().splitlines()[-1] == f"error: {expected}"
     assert "Traceback" not in result.stderr

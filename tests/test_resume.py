@@ -96,14 +96,17 @@ def test_killed_run_resumes_exactly(tiny_tasks, tmp_path):
     save = ("--checkpoint-every", "3", "--keep-checkpoints", "2")
     killed = run_recipe(tiny_tasks, output, *save, kill_during_save=6)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
-    # the kill hit the save of step 6: step 3 is intact, step 6 only a temporary folder
-    assert sorted(p.name for p in output.iterdir()) == [".checkpoint-6.tmp", "checkpoint-3"]
+    # the kill hit the save of step 6: step 3 is intact, step 6 only a temporary folder; the
+    # dead run's lock file stays, but its OS lock died with it
+    assert sorted(p.name for p in output.iterdir()) == [
+        ".checkpoint-6.tmp", ".mtnlp.lock", "checkpoint-3",
+    ]  # fmt: skip
     assert resolve_checkpoint("latest", output) == output / "checkpoint-3"
 
     resumed = run_recipe(tiny_tasks, output, *save, "--resume-from-checkpoint", "latest")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert [p.name for p in list_checkpoints(output)] == ["checkpoint-9", "checkpoint-12"]
-    assert not list(output.glob(".checkpoint-*"))
+    assert not list(output.glob(".checkpoint-*")) and not (output / ".mtnlp.lock").exists()
 
     expected = load_file(tmp_path / "reference" / "out" / MODEL_FILE)
     weights = load_file(output / MODEL_FILE)
