@@ -33,10 +33,11 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import load as load_state_file
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from mtnlp.errors import UserError
+from mtnlp.errors import UserError, first_line
 from mtnlp.modeling import check_weight_files
 
 logger = logging.getLogger(__name__)
@@ -332,20 +333,21 @@ def load_checkpoint(
                 checkpoint, meta.get("num_processes"), accelerator.num_processes,
             )  # fmt: skip
         _warn_changed_flags(checkpoint, meta.get("args", {}), arguments or {})
-    # with another number of processes, the RNG states cannot match anyway (warned above)
-    rng = accelerator.process_index if same_processes else None
-    _check_state_files(checkpoint, registered, rng)
     try:
         check_weight_files(checkpoint)  # a truncated file: its name, not the loader's traceback
     except UserError as error:
         raise UserError(f"--resume-from-checkpoint: {error}") from None
+    # with another number of processes, the RNG states cannot match anyway (warned above)
+    rng = accelerator.process_index if same_processes else None
+    _check_state_files(checkpoint, registered, rng)
     try:
         accelerator.load_state(str(checkpoint))
     except (OSError, RuntimeError, KeyError, ValueError) as error:
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
         raise UserError(
-            f"--resume-from-checkpoint: {checkpoint}: does not fit this run's model ({first_line})"
+            f"--resume-from-checkpoint: {checkpoint}: does not fit this run's model "
+            f"({first_line(error)})"
         ) from None
+
     logger.info("resumed from %s (step %d)", checkpoint, meta["step"])
     return meta["step"]
 
@@ -362,6 +364,13 @@ def _check_state_files(checkpoint: Path, registered: Sequence[str], process: int
                 f"--resume-from-checkpoint: {checkpoint}: {name} is missing ({holds}), so the run "
                 "cannot continue exactly; resume from a complete checkpoint"
             )
+        try:  # as accelerate reads it (weights only), which skips an unreadable RNG file silently
+            load_state_file(checkpoint / name)
+        except Exception as error:  # torch.load raises many types for a damaged file
+            raise UserError(
+                f"--resume-from-checkpoint: {checkpoint}: {name} is damaged ({holds}: "
+                f"{first_line(error)}); resume from a complete checkpoint"
+            ) from None
     saved = len(list(checkpoint.glob("custom_checkpoint_*.pkl")))
     if saved != len(registered):
         raise UserError(

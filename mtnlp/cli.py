@@ -131,16 +131,13 @@ def evaluate_command(args: argparse.Namespace) -> None:
 
     from mtnlp.cards import load_cards
     from mtnlp.data import load_task, make_dataloader
+    from mtnlp.prediction import check_cards_fit
     from mtnlp.training import evaluate
 
     model, tokenizer = load_model(args.model)
     cards = load_cards(args.cards or [model_cards(args.model)], _task_list(args.tasks))
     check_custom_metrics(cards, args.allow_custom_metrics)
-    for card in cards:
-        if card.name not in model.config.task_names:
-            raise UserError(f"{card.where}: task {card.name} is not a task of {args.model}")
-        if card.labels != model.config.task(card.name).get("labels"):
-            raise UserError(f"{card.where}: labels: differ from the labels {args.model} learned")
+    check_cards_fit(cards, args.model, model.config)
     accelerator = Accelerator()
     data_dirs = [Path(folder) for folder in args.data_dir] if args.data_dir else None
     loaders = {}

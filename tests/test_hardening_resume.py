@@ -179,6 +179,18 @@ def test_missing_random_states_are_refused(checkpointed):
     assert [p.name for p in list_checkpoints(output)][-1] == "checkpoint-12"  # nothing removed
 
 
+@pytest.mark.parametrize("name", ["random_states_0.pkl", "custom_checkpoint_1.pkl"])
+def test_a_truncated_state_file_is_one_line(checkpointed, name):
+    argv, output = checkpointed
+    state = output / "checkpoint-6" / name
+    state.write_bytes(state.read_bytes()[:10])
+    with pytest.raises(UserError) as error:
+        train([*argv, "--resume-from-checkpoint", str(output / "checkpoint-6")])
+    message = str(error.value)
+    assert message.startswith(f"--resume-from-checkpoint: {output}/checkpoint-6: {name} is damaged")
+    assert message.endswith("; resume from a complete checkpoint") and "\n" not in message
+
+
 def test_keep_best_state_missing_from_an_older_checkpoint_is_named(checkpointed):
     argv, output = checkpointed
     with pytest.raises(UserError) as error:
