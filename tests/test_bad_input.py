@@ -1127,20 +1127,23 @@ def checkpoint_of_this_run(
     model: str = "tiny", missing: str = "", states: int = 5
 ) -> Callable[[Path], object]:
     """`out/checkpoint-4` for these very cards, written with `--model model`, holding the
-    tokenizer and accelerate's files (`states` registered objects') as empty stand-ins, without
-    `missing`."""
+    tokenizer and accelerate's files (`states` registered objects') as readable stand-ins (a
+    one-tensor model, empty state dicts), without `missing`."""
 
     def setup(case: Path) -> None:
+        import torch
+        from safetensors.torch import save_file
+
         from mtnlp.cards import load_cards
 
         folder = case / "out" / "checkpoint-4"
         folder.mkdir(parents=True)
         train_wordpiece(["the cat sat", "a dog ran"], vocab_size=60).save_pretrained(folder)
-        files = ["model.safetensors", "random_states_0.pkl"]
-        files += [f"custom_checkpoint_{i}.pkl" for i in range(states)]
+        save_file({"stand_in": torch.zeros(1)}, folder / "model.safetensors")
+        files = ["random_states_0.pkl", *(f"custom_checkpoint_{i}.pkl" for i in range(states))]
         for name in files:
             if name != missing:
-                (folder / name).write_bytes(b"")
+                torch.save({}, folder / name)
         specs = [card.model_spec() for card in load_cards([case / "cards"])]
         meta = {"step": 4, "tasks": specs, "num_processes": 1, "args": {"model": model}}
         (folder / "checkpoint.json").write_text(json.dumps(meta))
