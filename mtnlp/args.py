@@ -23,7 +23,7 @@ from annotated_types import Ge, Gt, Le
 from pydantic import AllowInfNan, BeforeValidator, TypeAdapter, ValidationError
 from transformers import HfArgumentParser
 
-from mtnlp.errors import UserError
+from mtnlp.errors import OneLineArgumentErrors, UserError
 
 
 def _number_from_yaml(value: Any) -> Any:
@@ -307,6 +307,10 @@ class TrainArguments:
         return [Path(folder) for folder in self.data_dir] if self.data_dir else None
 
 
+class _Parser(OneLineArgumentErrors, HfArgumentParser):
+    """transformers' dataclass parser; a flag that does not parse is one `error:` line."""
+
+
 def parse_args(
     argv: list[str] | None = None,
     defaults: dict | None = None,
@@ -314,7 +318,7 @@ def parse_args(
     prog: str | None = None,
 ) -> TrainArguments:
     """Parse flags; `--config FILE.yaml` gives defaults, and `defaults` are the recipe's own."""
-    parser = HfArgumentParser(TrainArguments, description=description, prog=prog)
+    parser = _Parser(TrainArguments, description=description, prog=prog)
     parser.add_argument("--config", help="YAML file of arguments (flags given here win)")
     known = {f.name for f in fields(TrainArguments)}
     parser.set_defaults(**(defaults or {}))

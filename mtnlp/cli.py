@@ -22,7 +22,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from mtnlp.errors import USER_ERROR_EXIT_CODE, UserError, exit_on_user_error, first_line
+from mtnlp.errors import (
+    USER_ERROR_EXIT_CODE,
+    OneLineArgumentErrors,
+    UserError,
+    exit_on_user_error,
+    first_line,
+)
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -254,8 +260,12 @@ def push_command(args: argparse.Namespace) -> None:
 
 
 # ------------------------------------------------------------------------------ parser
+class Parser(OneLineArgumentErrors, argparse.ArgumentParser):
+    """argparse (its sub-command parsers too); a flag that does not parse is one `error:` line."""
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="mtnlp", description="Multi-task fine-tuning of transformer encoders (MT-DNN style)."
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")

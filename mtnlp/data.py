@@ -15,6 +15,7 @@ import logging
 import math
 import os
 import re
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import datasets
 from datasets.exceptions import DatasetNotFoundError
+from pandas.errors import ParserWarning
 from torch.utils.data import DataLoader
 from transformers import (
     DataCollatorForTokenClassification,
@@ -82,6 +84,8 @@ def _reader_kwargs(local: LocalSource, path: Path) -> tuple[str, dict[str, Any]]
         kwargs: dict[str, Any] = {
             "sep": sep,
             "keep_default_na": False,
+            # rows longer than the header are an error (see _read_local_file), never an index
+            "index_col": False,
             "encoding": local.encoding,
             # every column as text, so that type inference never differs between chunks
             "features": datasets.Features({name: datasets.Value("string") for name in names}),
@@ -148,12 +152,19 @@ def _read_local_file(card: TaskCard, path: Path, split: str, labels: bool) -> da
     local = card.source.local.for_split(split)
     try:
         builder, kwargs = _reader_kwargs(local, path)
-        dataset = datasets.load_dataset(
-            builder, data_files={"data": str(path)}, split="data", **kwargs
-        )
+        with warnings.catch_warnings():
+            # pandas only warns when every row has more fields than the header names (it drops
+            # the extra ones): the columns would hold the wrong fields
+            warnings.simplefilter("error", ParserWarning)
+            dataset = datasets.load_dataset(
+                builder, data_files={"data": str(path)}, split="data", **kwargs
+            )
     except Exception as error:  # datasets wraps parser errors in several types
         cause = _root_cause(error)
-        if isinstance(cause, UnicodeDecodeError):
+        if isinstance(cause, ParserWarning):
+            names = "its header line" if local.header else "the card's column_names"
+            reason = f"every row has more fields than {names} names; check the separator"
+        elif isinstance(cause, UnicodeDecodeError):
             line, byte = _undecodable_at(path, local.encoding)
             reason = f"line {line}: not valid {local.encoding} text (byte {byte})"
         elif _holds_no_rows(path, local):  # the builders fail on an empty file

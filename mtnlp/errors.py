@@ -9,7 +9,7 @@ from __future__ import annotations
 import functools
 import sys
 from collections.abc import Callable
-from typing import TypeVar
+from typing import NoReturn, TypeVar
 
 USER_ERROR_EXIT_CODE = 2
 
@@ -18,6 +18,16 @@ F = TypeVar("F", bound=Callable[..., object])
 
 class UserError(Exception):
     """A mistake in the user's input (card, data file, flag, path): shown as one line, exit 2."""
+
+
+class OneLineArgumentErrors:
+    """Mixin for argparse parsers: a flag that does not parse is a `UserError` (one `error:` line,
+    exit 2 through `exit_on_user_error`) instead of argparse's usage text and message."""
+
+    prog: str
+
+    def error(self, message: str) -> NoReturn:
+        raise UserError(f"{self.prog}: {message} (see {self.prog} --help)")
 
 
 def first_line(error: BaseException) -> str:

@@ -1231,3 +1231,43 @@ def test_hardening_resume_locked_output_dir_exits_2(tiny_tasks, tmp_path):
     assert result.returncode == 2, result.stderr[-3000:]
     assert result.stderr.strip().splitlines()[-1] == f"error: {expected}"
     assert "Traceback" not in result.stderr
+
+
+# ------------------------------------------------------------------------------ unparsable flags
+# argparse's own errors (a value of the wrong type, an unknown choice or command, a missing
+# argument) are one `error:` line naming the command and the flag, exit 2, not its usage text.
+UNPARSABLE_FLAGS = [
+    (
+        ["train", "--max-steps", "10.7"],
+        "mtnlp train: argument --max_steps/--max-steps: invalid int value: '10.7' "
+        "(see mtnlp train --help)",
+    ),
+    (
+        ["train", "--batch-mode", "both"],
+        "mtnlp train: argument --batch_mode/--batch-mode: invalid choice: 'both' (choose from "
+        "'one_task', 'all_tasks') (see mtnlp train --help)",
+    ),
+    (
+        ["predict", "some/model", "--batch-size", "0"],
+        "mtnlp predict: argument --batch-size: must be positive, got 0 (see mtnlp predict --help)",
+    ),
+    (
+        ["evaluate"],
+        "mtnlp evaluate: the following arguments are required: model (see mtnlp evaluate --help)",
+    ),
+    (
+        ["frobnicate"],
+        "mtnlp: argument COMMAND: invalid choice: 'frobnicate' (choose from 'train', 'evaluate', "
+        "'predict', 'cards', 'push') (see mtnlp --help)",
+    ),
+]
+
+
+@pytest.mark.parametrize(("argv", "message"), UNPARSABLE_FLAGS, ids=lambda v: str(v)[:30])
+def test_an_unparsable_flag_is_one_error_line(argv, message, capsys):
+    from mtnlp.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.splitlines() == [f"error: {message}"]

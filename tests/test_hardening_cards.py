@@ -322,6 +322,28 @@ def test_reader_errors_show_no_file_content(tmp_path, monkeypatch):
     )
 
 
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("sentence\tlabel\na\tb\tc\ta\nd\te\tf\tb\n", "its header line"),
+        ("a\tb\tc\ta\n", "the card's column_names"),  # headerless: column_names below
+    ],
+)
+def test_rows_longer_than_the_header_are_refused(tmp_path, text, message):
+    """pandas would take the extra leading fields as an index: the columns would hold other
+    fields (here `sentence` would read "c" and `label` "a")."""
+    (tmp_path / "t.tsv").write_text(text)
+    local = {"format": "tsv", "files": {"train": "t.tsv", "validation": "t.tsv"}}
+    if not text.startswith("sentence"):
+        local.update(header=False, column_names=["sentence", "label"])
+    card = parse_card({**VALID, "source": {"local": local}}, "t.yaml")
+    with pytest.raises(UserError) as error:
+        load_raw(card, ["train"], [tmp_path])
+    assert str(error.value) == (
+        f"{tmp_path}/t.tsv: every row has more fields than {message} names; check the separator"
+    )
+
+
 # ------------------------------------------------------------------------------ 17. JSON, CoNLL
 def json_card(tmp_path: Path, rows: list[str], **change) -> tuple[dict, Path]:
     (tmp_path / "t.jsonl").write_text("".join(row + "\n" for row in rows))
