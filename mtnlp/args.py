@@ -39,6 +39,11 @@ def _word_from_yaml(value: Any) -> Any:
     return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
 
 
+def _one_or_more(value: Any) -> Any:
+    """A config file may name one card folder or data folder as a string: a list of one."""
+    return [value] if isinstance(value, str) else value
+
+
 # field types: HfArgumentParser sees the plain type, pydantic the bounds too (validate_values)
 Number = Annotated[float, BeforeValidator(_number_from_yaml), AllowInfNan(False)]
 PositiveNumber = Annotated[Number, Gt(0)]
@@ -46,6 +51,7 @@ NonNegativeNumber = Annotated[Number, Ge(0)]
 Share = Annotated[Number, Ge(0), Le(1)]
 PositiveInt = Annotated[int, Gt(0)]
 Seed = Annotated[int, Ge(0), Le(2**32 - 1)]  # NumPy's seeds are 32-bit
+Paths = Annotated[list[str], BeforeValidator(_one_or_more)]
 
 
 def flag(name: str) -> str:
@@ -68,14 +74,14 @@ class TrainArguments:
             "with a WordPiece vocabulary trained on the training text, for smoke runs)"
         ),
     )
-    cards: list[str] | None = field(
+    cards: Paths | None = field(
         default=None,
         metadata=_help("task-card files or folders (default: the recipe's own cards)", nargs="+"),
     )
     tasks: str | None = field(
         default=None, metadata=_help("comma-separated task names to train (default: all cards)")
     )
-    data_dir: list[str] | None = field(
+    data_dir: Paths | None = field(
         default=None,
         metadata=_help(
             "read the cards' local files under these folders instead of the Hub (first folder "

@@ -146,6 +146,10 @@ def test_a_valid_config_file_parses_with_the_right_types(tmp_path):
     assert type(args.warmup_ratio) is float and type(args.max_steps) is int
     assert args.cards == ["a.yaml", "b.yaml"] and args.keep_best is True
     assert (args.batch_mode, args.block_sparse_q, args.hub_model_id) == ("all_tasks", "2", None)
+    # one folder as a string is a list of one, as `--data-dir DIR` on the command line
+    config.write_text("data_dir: ../data/glue\ncards: tasks/glue\n")
+    args = parse_args(["--config", str(config)])
+    assert (args.data_dir, args.cards) == (["../data/glue"], ["tasks/glue"])
 
 
 def test_every_bad_value_is_one_line(tmp_path, capsys):
