@@ -37,7 +37,7 @@ from accelerate.utils import load as load_state_file
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from mtnlp.errors import UserError, first_line
+from mtnlp.errors import WRITE_PROBE, UserError, first_line, writable_output_dir
 from mtnlp.modeling import check_weight_files
 
 logger = logging.getLogger(__name__)
@@ -47,10 +47,9 @@ MODEL_FILE = "model.safetensors"
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 _STAGING = ".checkpoint-{step}.tmp"
 LOCK_FILE = ".mtnlp.lock"
-_PROBE = ".mtnlp-probe-{pid}"
 # what a killed run leaves behind: staging folders of checkpoints and of the final save, the
 # lock file, a write probe; and the trackers' logs (accelerate's logging_dir)
-_LEFTOVERS = (_STAGING.format(step="*"), ".saving-*", LOCK_FILE, _PROBE.format(pid="*"))
+_LEFTOVERS = (_STAGING.format(step="*"), ".saving-*", LOCK_FILE, WRITE_PROBE.format(pid="*"))
 LOGS = "logs"
 # model metadata that may change between a checkpoint and its resumed run
 _FREE_SPEC_KEYS = {"metrics", "main_metric", "description"}
@@ -417,13 +416,8 @@ def output_lock(output_dir: Path, main: bool = True) -> Iterator[None]:
 
 def _lock(output_dir: Path) -> int:
     """Create `output_dir`, probe a write, take the lock; returns the lock file's descriptor."""
-    if output_dir.exists() and not output_dir.is_dir():
-        raise UserError(f"--output-dir: {output_dir} is a file, not a folder")
+    writable_output_dir(output_dir)
     try:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        probe = output_dir / _PROBE.format(pid=os.getpid())
-        probe.write_bytes(b"")
-        probe.unlink()
         while (descriptor := _try_lock(output_dir, output_dir / LOCK_FILE)) is None:
             pass  # its holder removed the file between our open and flock: lock the new one
     except OSError as error:

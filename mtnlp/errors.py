@@ -7,11 +7,14 @@ whose message names the file, line or field at fault (see DESIGN: "Errors are fo
 from __future__ import annotations
 
 import functools
+import os
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import NoReturn, TypeVar
 
 USER_ERROR_EXIT_CODE = 2
+WRITE_PROBE = ".mtnlp-probe-{pid}"  # written and removed at once by `writable_output_dir`
 
 F = TypeVar("F", bound=Callable[..., object])
 
@@ -28,6 +31,21 @@ class OneLineArgumentErrors:
 
     def error(self, message: str) -> NoReturn:
         raise UserError(f"{self.prog}: {message} (see {self.prog} --help)")
+
+
+def writable_output_dir(folder: Path) -> None:
+    """Create `--output-dir` (and its parents) and write a file there, so a folder that cannot
+    hold the results fails before any work, as a `UserError` naming it, not at save time."""
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"--output-dir: {folder} is a file, not a folder")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / WRITE_PROBE.format(pid=os.getpid())
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as error:
+        reason = error.strerror or type(error).__name__
+        raise UserError(f"--output-dir: {folder}: cannot write here ({reason})") from None
 
 
 def first_line(error: BaseException) -> str:

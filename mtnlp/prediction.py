@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from mtnlp.cards import TaskCard
-from mtnlp.errors import UserError
+from mtnlp.errors import UserError, writable_output_dir
 from mtnlp.pipeline import MultiTaskPipeline
 
 FORMATS = {".jsonl": "jsonl", ".json": "jsonl", ".csv": "csv", ".tsv": "tsv"}
@@ -362,12 +362,7 @@ def predict_split(
     file per task and split (GLUE's submission format); return (file, rows) per file."""
     from mtnlp.data import load_raw  # loads `datasets`: only here
 
-    if output_dir.exists() and not output_dir.is_dir():
-        raise UserError(f"--output-dir: {output_dir} is a file, not a folder")
-    try:
-        output_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise UserError(f"--output-dir: {output_dir}: {error.strerror}") from None
+    writable_output_dir(output_dir)
     written = []
     for card in cards:
         local = bool(data_dirs) and card.source.local is not None  # as load_raw decides

@@ -21,7 +21,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from test_resume import run_recipe
-from tiny_runs import reset_accelerate, write_tiny_tasks
+from tiny_runs import CARDS, reset_accelerate, write_tiny_tasks
 
 from mtnlp import training
 from mtnlp.args import parse_args
@@ -32,22 +32,12 @@ from mtnlp.tiny import tiny_bert, train_wordpiece
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
-STACKED = """name: upper
-type: tagging
-source:
-  local:
-    format: conll
-    files: {train: tag/train.txt, validation: tag/dev.txt}
-    column_names: [tokens, tags]
-inputs: [tokens]
-label_column: tags
-labels: [O, B-PER]
-metrics: [seqeval]
-max_length: 32
-stack_on: tag
-task_layer: {type: bilstm, hidden_size: 8, label_embedding_size: 4, dropout: 0.0}
-successive_regularization: 1.0
-"""
+# the tiny `tag` task's card, stacked on it as JMT's next task, pulled toward it
+STACKED = CARDS["tag"].replace("name: tag", "name: upper") + (
+    "stack_on: tag\n"
+    "task_layer: {type: bilstm, hidden_size: 8, label_embedding_size: 4, dropout: 0.0}\n"
+    "successive_regularization: 1.0\n"
+)
 
 
 class Killed(Exception):
