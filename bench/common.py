@@ -79,7 +79,7 @@ def fixed_step_arguments(options: argparse.Namespace, output_dir: Path, **overri
     """`TrainArguments` of one fixed-budget run of bench/sampling.py or bench/sharing.py: the
     encoder, data, tasks, steps, batch size, learning rate, caps and seed of `options`, plus
     the setting's `overrides`."""
-    from mtnlp.args import TrainArguments
+    from mtnlp import TrainArguments
 
     return TrainArguments(
         model=options.model_folder,

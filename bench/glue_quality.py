@@ -61,9 +61,7 @@ def mean_std(values: Sequence[float]) -> dict[str, float]:
 def one_run(options, tasks: str, seed: int, output_dir: Path, finetune: bool) -> dict[str, Any]:
     """Train `tasks` (comma-separated) with `seed`; dev metrics, wall time, examples, peak RSS
     (and the fine-tuned stage's metrics with `finetune`)."""
-    from mtnlp.args import TrainArguments
-    from mtnlp.cards import load_cards
-    from mtnlp.training import train
+    from mtnlp import TrainArguments, load_cards, train
 
     args = TrainArguments(
         model=options.model_folder,
@@ -93,8 +91,9 @@ def one_run(options, tasks: str, seed: int, output_dir: Path, finetune: bool) ->
         "peak_rss_mb": memory.mb,
     }
     if finetune:
-        from mtnlp.finetune import FINETUNED as STAGE
-        from mtnlp.finetune import FINETUNED_DIR, finetune_each
+        from mtnlp.artifacts.run_folder import FINETUNED_DIR
+        from mtnlp.training.stages import FINETUNED as STAGE
+        from mtnlp.training.stages import finetune_each
 
         started = time.perf_counter()
         with PeakRSS() as memory, contextlib.redirect_stdout(sys.stderr):
@@ -163,7 +162,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         options.max_eval_samples = options.max_eval_samples or 64
         options.learning_rate = 1e-3
     setup(options)
-    from mtnlp.cards import load_cards
+    from mtnlp import load_cards
 
     seeds = [int(seed) for seed in options.seeds.split(",")]
     tasks = options.tasks.split(",")

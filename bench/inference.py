@@ -39,8 +39,8 @@ TARGET = 0.9  # speed-up at least 0.9 x K
 
 def sentences(data_dir: Path, count: int) -> list[str]:
     """The first `count` SST-2 dev sentences (read through mtnlp's own card and reader)."""
-    from mtnlp.cards import load_cards
-    from mtnlp.data import load_raw
+    from mtnlp import load_cards
+    from mtnlp.data.read import load_raw
 
     card = load_cards([GLUE_CARDS], ["sst2"])[0]
     texts = load_raw(card, ["validation"], [data_dir])["validation"]["sentence"]
@@ -49,7 +49,7 @@ def sentences(data_dir: Path, count: int) -> list[str]:
 
 def task_specs(k: int) -> list[dict[str, Any]]:
     """K two-class sentence tasks (SST-2's card under K names)."""
-    from mtnlp.cards import load_cards
+    from mtnlp import load_cards
 
     spec = load_cards([GLUE_CARDS], ["sst2"])[0].model_spec()
     return [{**spec, "name": f"task{i}"} for i in range(k)]
@@ -59,8 +59,8 @@ def build_mtnlp(model_folder: str, k: int, batch_size: int):
     import torch
     from transformers import AutoModel, AutoTokenizer
 
-    from mtnlp.modeling import MultiTaskModel
-    from mtnlp.pipeline import MultiTaskPipeline
+    from mtnlp.inference.pipeline import MultiTaskPipeline
+    from mtnlp.modeling.model import MultiTaskModel
 
     torch.manual_seed(0)
     model = MultiTaskModel.from_encoder(AutoModel.from_pretrained(model_folder), task_specs(k))

@@ -58,7 +58,8 @@ class PlainLoop:
             get_scheduler,
         )
 
-        from mtnlp.data import load_task, make_dataloader
+        from mtnlp.data.loaders import make_dataloader
+        from mtnlp.data.tokenize import load_task
 
         self.accelerator = Accelerator(mixed_precision=PRECISIONS[precision])
         tokenizer = AutoTokenizer.from_pretrained(model_folder)
@@ -176,9 +177,8 @@ def measure(
     seed: int = 0,
 ) -> dict[str, Any]:
     """Time `steps` interleaved pairs (after `warmup`) at one precision; ratios and throughputs."""
-    from mtnlp.args import TrainArguments
-    from mtnlp.cards import load_cards
-    from mtnlp.training import train
+    from mtnlp import TrainArguments, load_cards, train
+    from mtnlp.training.callbacks import OnStep
 
     train_args = TrainArguments(
         model=model_folder,
@@ -203,7 +203,7 @@ def measure(
         pairs = Pairs(plain, warmup)
         started = time.perf_counter()
         with contextlib.redirect_stdout(sys.stderr):  # train() prints its summary
-            train(train_args, cards, on_step=pairs)
+            train(train_args, cards, callbacks=[OnStep(pairs)])
         wall = time.perf_counter() - started
     ratios = [a / b for a, b, _ in pairs.times]
     examples = sum(n for _, _, n in pairs.times)

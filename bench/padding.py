@@ -51,7 +51,7 @@ def batch_padding(lengths: Sequence[int], batches: Sequence[Sequence[int]]) -> l
 
 def task_padding(card, dataset, tokenizer, batch_size: int, seed: int) -> dict[str, Any]:
     """One epoch's padding shares of a task, random and grouped, checked against the collator."""
-    from mtnlp.data import example_lengths, make_dataloader
+    from mtnlp.data.loaders import example_lengths, make_dataloader
 
     sizes = example_lengths(dataset)
     result: dict[str, Any] = {"examples": len(sizes), "mean_length": sum(sizes) / len(sizes)}
@@ -82,7 +82,7 @@ def padding(
     seed: int = 0,
 ) -> dict[str, Any]:
     """Padding per task and over every batch of every task."""
-    from mtnlp.data import load_task
+    from mtnlp.data.tokenize import load_task
 
     per_task = {}
     for card in cards:
@@ -109,9 +109,7 @@ def throughput(
     """Examples per second of one-epoch training runs, random and grouped batches alternating."""
     import json
 
-    from mtnlp.args import TrainArguments
-    from mtnlp.cards import load_cards
-    from mtnlp.training import train
+    from mtnlp import TrainArguments, load_cards, train
 
     speeds: dict[str, list[float]] = {"random": [], "grouped": []}
     peaks = []
@@ -165,9 +163,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     setup(options)
     from transformers import AutoTokenizer
 
-    from mtnlp.cards import load_cards
-    from mtnlp.data import resolve_file
-    from mtnlp.errors import UserError
+    from mtnlp import load_cards
+    from mtnlp.data.read import resolve_file
+    from mtnlp.utils.errors import UserError
 
     data_dirs = options.data_dir or [DATA_DIR / "glue", DATA_DIR / "conll2003"]
     card_folders = [folder for folder in (GLUE_CARDS, CONLL_CARDS) if folder.is_dir()]

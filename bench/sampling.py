@@ -44,7 +44,7 @@ from bench.glue_quality import scores_of
 
 def train_setting(options, sampler: str, weighting: str, output_dir: Path, cards) -> dict[str, Any]:
     """One multi-task run: dev metrics, GLUE scores, step shares, final weights, wall time."""
-    from mtnlp.training import train
+    from mtnlp import train
 
     args = fixed_step_arguments(
         options,
@@ -74,7 +74,7 @@ def train_setting(options, sampler: str, weighting: str, output_dir: Path, cards
 def finetune_gain(run: dict[str, Any], cards, eval_every: int | None) -> dict[str, Any]:
     """MT-DNN's second stage from a setting's multi-task model (each task evaluated every
     `eval_every` steps, its best dev checkpoint kept); scores of both stages."""
-    from mtnlp.finetune import FINETUNED, finetune_each
+    from mtnlp.training.stages import FINETUNED, finetune_each
 
     args = dataclasses.replace(run["args"], eval_every=eval_every)
     started = time.perf_counter()
@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         # samplers' probabilities depend on their sizes
         options.learning_rate = options.finetune_learning_rate = 1e-3
     setup(options)
-    from mtnlp.cards import load_cards
+    from mtnlp import load_cards
 
     cards = load_cards([GLUE_CARDS], options.tasks.split(","))
     settings = [

@@ -58,10 +58,10 @@ SETTINGS: dict[str, dict[str, Any]] = {
 
 def train_setting(options, setting: str, output_dir: Path, cards) -> dict[str, Any]:
     """One multi-task run: dev metrics, GLUE scores, wall time, speed, parameter count."""
-    from mtnlp.affinity import mean_affinity
-    from mtnlp.modeling import MultiTaskModel
-    from mtnlp.report import read_history
-    from mtnlp.training import train
+    from mtnlp import train
+    from mtnlp.artifacts.affinity import mean_affinity
+    from mtnlp.artifacts.report import read_history
+    from mtnlp.modeling.model import MultiTaskModel
 
     args = fixed_step_arguments(
         options,
@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if unknown:
         raise SystemExit(f"--settings: unknown {', '.join(unknown)}; known: {', '.join(SETTINGS)}")
     setup(options)
-    from mtnlp.cards import load_cards
+    from mtnlp import load_cards
 
     cards = load_cards([GLUE_CARDS], options.tasks.split(","))
     runs: dict[str, dict[str, Any]] = {}

@@ -22,24 +22,17 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from mtnlp.errors import (
+from mtnlp.utils.errors import (
     USER_ERROR_EXIT_CODE,
     OneLineArgumentErrors,
     UserError,
     exit_on_user_error,
-    first_line,
 )
 
 if TYPE_CHECKING:
-    from transformers import PreTrainedTokenizerBase
-
-    from mtnlp.cards import TaskCard
-    from mtnlp.modeling import MultiTaskModel
-    from mtnlp.pipeline import MultiTaskPipeline
+    from mtnlp.inference.pipeline import MultiTaskPipeline
 
 DEFAULT_CARDS = Path("tasks/glue")  # relative to the working folder, as in a checkout
-# a saved tokenizer has at least one of these (fast: tokenizer.json; any: tokenizer_config.json)
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt")
 
 
 def _positive(text: str) -> int:
@@ -56,8 +49,8 @@ def _task_list(text: str | None) -> list[str] | None:
 # ------------------------------------------------------------------------------ commands
 def train_command(argv: Sequence[str]) -> None:
     """`mtnlp train`: the recipe's training run, cards defaulting to ./tasks/glue."""
-    from mtnlp.args import parse_args
-    from mtnlp.training import run
+    from mtnlp.training.args import parse_args
+    from mtnlp.training.stages import run
 
     args = parse_args(
         list(argv),
@@ -73,72 +66,17 @@ def train_command(argv: Sequence[str]) -> None:
     run(args, default_cards=defaults)
 
 
-def load_model(name: str) -> tuple[MultiTaskModel, PreTrainedTokenizerBase]:
-    """Model and tokenizer of a trained model folder or Hub id. The weights load from safetensors
-    only and strictly (`MultiTaskModel.from_pretrained`): a folder holding only a pickled
-    `pytorch_model.bin`, a truncated file, heads that do not fit config.json or a folder without
-    tokenizer files is one `UserError` naming the folder."""
-    from transformers import AutoTokenizer
-
-    from mtnlp.hub import read_config
-    from mtnlp.modeling import MultiTaskModel
-
-    path = Path(name)
-    if path.is_dir():
-        read_config(path)  # a folder of another kind of model: a clear error
-        if not any((path / file).is_file() for file in TOKENIZER_FILES):
-            raise UserError(f"{name}: no tokenizer files ({' / '.join(TOKENIZER_FILES)} ...)")
-    elif path.is_absolute() or name.startswith("."):
-        raise UserError(f"{name}: no such model folder")
-    try:
-        model = MultiTaskModel.from_pretrained(name)
-    except OSError as error:
-        raise UserError(
-            f"{name}: not an mtnlp model folder or Hub id ({first_line(error)})"
-        ) from None
-    try:
-        return model, AutoTokenizer.from_pretrained(name)
-    except (OSError, ValueError) as error:
-        raise UserError(f"{name}: its tokenizer does not load ({first_line(error)})") from None
-
-
-def check_custom_metrics(cards: Sequence[TaskCard], allowed: bool) -> None:
-    """Refuse metric names that are not built in unless `--allow-custom-metrics`: `evaluate.load`
-    downloads and runs them as code, and evaluating a model (its own `cards/`, maybe fetched from
-    the Hub) must never run code that came with it."""
-    from mtnlp.metrics import METRICS
-
-    if allowed:
-        return
-    for card in cards:
-        for name in card.metrics:
-            if name not in METRICS:
-                raise UserError(
-                    f"{card.where}: metrics: {name!r} is not a built-in metric; loading it would "
-                    "run code from evaluate.load; pass --allow-custom-metrics to allow it"
-                )
-
-
-def model_cards(name: str) -> Path:
-    """The `cards/` folder that training saved with the model (fetched for a Hub id)."""
-    folder = Path(name)
-    if not folder.is_dir():
-        from huggingface_hub import snapshot_download
-
-        folder = Path(snapshot_download(name, allow_patterns=["cards/*"]))
-    if not (folder / "cards").is_dir():
-        raise UserError(f"{name}: no cards/ folder with the model; give the cards with --cards")
-    return folder / "cards"
-
-
 def evaluate_command(args: argparse.Namespace) -> None:
     """`mtnlp evaluate`: dev metrics per task as JSON on stdout."""
     from accelerate import Accelerator
 
-    from mtnlp.cards import load_cards
-    from mtnlp.data import load_task, make_dataloader
-    from mtnlp.prediction import check_cards_fit
-    from mtnlp.training import evaluate
+    from mtnlp.artifacts.run_folder import model_cards
+    from mtnlp.cards.load import load_cards
+    from mtnlp.data.loaders import make_dataloader
+    from mtnlp.data.tokenize import load_task
+    from mtnlp.inference.evaluate import check_custom_metrics, evaluate
+    from mtnlp.inference.loading import load_model
+    from mtnlp.inference.submission import check_cards_fit
 
     model, tokenizer = load_model(args.model)
     cards = load_cards(args.cards or [model_cards(args.model)], _task_list(args.tasks))
@@ -170,7 +108,7 @@ def predict_command(args: argparse.Namespace) -> None:
     if args.split:
         predict_split_command(args)
         return
-    from mtnlp.prediction import RowPredictor, chunks, input_format, read_rows
+    from mtnlp.inference.rows import RowPredictor, chunks, input_format, read_rows
 
     source = args.input or "-"
     where = "stdin" if source == "-" else source
@@ -207,18 +145,21 @@ def check_predict_flags(args: argparse.Namespace) -> None:
 
 def pipeline_of(args: argparse.Namespace) -> MultiTaskPipeline:
     """The pipeline of `--model` with `--device`, `--dtype` and `--batch-size`."""
-    from mtnlp.pipeline import MultiTaskPipeline
+    from mtnlp.inference.loading import load_model
+    from mtnlp.inference.pipeline import MultiTaskPipeline, resolve_dtype
 
     model, tokenizer = load_model(args.model)
-    return MultiTaskPipeline(
-        model, tokenizer, device=args.device, dtype=args.dtype, batch_size=args.batch_size
-    )
+    dtype = resolve_dtype(args.dtype)
+    if dtype is not None:  # in place (the pipeline would convert a copy): the model is ours
+        model.to(dtype=dtype)
+    return MultiTaskPipeline(model, tokenizer, device=args.device, batch_size=args.batch_size)
 
 
 def predict_split_command(args: argparse.Namespace) -> None:
     """`mtnlp predict MODEL --split test`: a split of the model's cards into prediction files."""
-    from mtnlp.cards import load_cards
-    from mtnlp.prediction import check_cards_fit, predict_split
+    from mtnlp.artifacts.run_folder import model_cards
+    from mtnlp.cards.load import load_cards
+    from mtnlp.inference.submission import check_cards_fit, predict_split
 
     pipeline = pipeline_of(args)
     cards = load_cards(args.cards or [model_cards(args.model)], _task_list(args.tasks))
@@ -231,7 +172,7 @@ def predict_split_command(args: argparse.Namespace) -> None:
 
 def cards_check_command(args: argparse.Namespace) -> None:
     """`mtnlp cards check`: exit 0, or exit 2 with one line per problem naming its file."""
-    from mtnlp.cards import load_cards
+    from mtnlp.cards.load import load_cards
 
     try:
         cards = load_cards(args.paths)
@@ -246,7 +187,7 @@ def cards_check_command(args: argparse.Namespace) -> None:
 
 def push_command(args: argparse.Namespace) -> None:
     """`mtnlp push`: a trained model folder and its model card to the Hub."""
-    from mtnlp.hub import push_to_hub
+    from mtnlp.hub.push import push_to_hub
 
     if not Path(args.model).is_dir():
         raise UserError(f"{args.model}: no such model folder")

@@ -21,8 +21,8 @@ from typing import Any
 
 import numpy as np
 
-from mtnlp.errors import UserError
-from mtnlp.registry import Registry
+from mtnlp.utils.errors import UserError
+from mtnlp.utils.registry import Registry
 
 MetricFn = Callable[[Sequence[Any], Sequence[Any]], dict[str, float]]
 
@@ -190,13 +190,20 @@ def compute_metrics(
     return results
 
 
-def _evaluate_module(name: str, predictions, references) -> dict[str, float]:
+@functools.cache
+def load_evaluate_module(name: str) -> Any:
+    """`evaluate.load(name)`, once per name and process: evaluation every N steps reuses the
+    module instead of loading (and maybe downloading) it again. A failed load is not cached."""
     import evaluate
 
     try:
-        module = evaluate.load(name)
+        return evaluate.load(name)
     except Exception as error:  # evaluate raises many types for a missing module or no network
         raise UserError(f"metric {name!r}: evaluate.load failed: {error}") from None
+
+
+def _evaluate_module(name: str, predictions, references) -> dict[str, float]:
+    module = load_evaluate_module(name)
     scores = module.compute(predictions=predictions, references=references)
     return {key: float(value) for key, value in scores.items() if np.isscalar(value)}
 

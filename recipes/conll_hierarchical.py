@@ -19,16 +19,14 @@ bilstm), --successive-reg DELTA (jmt; default 0.01). Every other flag is a commo
 """
 
 import argparse
-import inspect
 from pathlib import Path
 
 from transformers import AutoConfig
 
-from mtnlp.args import parse_args
-from mtnlp.cards import TaskCard, check_hierarchy, load_cards, parse_card
-from mtnlp.errors import exit_on_user_error
-from mtnlp.tiny import tiny_bert
-from mtnlp.training import train
+from mtnlp import TaskCard, load_cards, parse_args, train
+from mtnlp.cards import check_hierarchy
+from mtnlp.modeling.tiny import TINY_LAYERS
+from mtnlp.utils.errors import exit_on_user_error
 
 CONLL_CARDS = Path(__file__).resolve().parent.parent / "tasks" / "conll2003"
 TASKS = "pos,chunk,ner"  # bottom to top
@@ -46,15 +44,8 @@ def layout_parser() -> argparse.ArgumentParser:
 def encoder_depth(model: str) -> int:
     """Number of transformer layers of `--model` ('tiny': the tiny test BERT's)."""
     if model == "tiny":
-        return inspect.signature(tiny_bert).parameters["num_layers"].default
+        return TINY_LAYERS
     return AutoConfig.from_pretrained(model).num_hidden_layers
-
-
-def with_fields(card: TaskCard, **fields) -> TaskCard:
-    """A validated copy of `card` with some fields replaced (cards are immutable)."""
-    copy = parse_card({**card.model_dump(exclude_defaults=True), **fields}, card.where)
-    copy._path = card.path
-    return copy
 
 
 def apply_layout(
@@ -79,7 +70,7 @@ def apply_layout(
             if index > 0:
                 fields["stack_on"] = cards[index - 1].name
                 fields["successive_regularization"] = successive_reg
-        laid_out.append(with_fields(card, **fields))
+        laid_out.append(card.replace(**fields))
     return check_hierarchy(laid_out)
 
 

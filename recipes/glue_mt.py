@@ -13,9 +13,8 @@ Without `--data-dir` the cards read GLUE from the Hub; with it, the classic GLUE
 
 from pathlib import Path
 
-from mtnlp.args import parse_args
-from mtnlp.errors import exit_on_user_error
-from mtnlp.training import run
+from mtnlp import parse_args, run
+from mtnlp.utils.errors import exit_on_user_error
 
 GLUE_CARDS = Path(__file__).resolve().parent.parent / "tasks" / "glue"
 

@@ -54,7 +54,7 @@ def data_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_tokenizer():
-    from mtnlp.tiny import train_wordpiece
+    from mtnlp.modeling.tiny import train_wordpiece
 
     return train_wordpiece(TINY_TEXT, vocab_size=200)
 
@@ -64,8 +64,8 @@ def tiny_model(tiny_tokenizer):
     """A fresh tiny model with one head of each core type (seeded, eval mode)."""
     import torch
 
-    from mtnlp.modeling import MultiTaskModel
-    from mtnlp.tiny import tiny_bert
+    from mtnlp.modeling.model import MultiTaskModel
+    from mtnlp.modeling.tiny import tiny_bert
 
     torch.manual_seed(0)
     return MultiTaskModel.from_encoder(tiny_bert(tiny_tokenizer), TINY_TASKS).eval()
@@ -81,3 +81,17 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def fresh_accelerate(monkeypatch):
+    """Clean accelerate singletons around an in-process training run; no report plots (slow, and
+    tested in test_report.py)."""
+    from tiny_runs import reset_accelerate
+
+    from mtnlp.artifacts import run_folder
+
+    monkeypatch.setattr(run_folder, "write_report", lambda *args, **kwargs: None)
+    reset_accelerate()
+    yield
+    reset_accelerate()

@@ -21,13 +21,14 @@ from tiny_runs import reset_accelerate, write_tiny_tasks
 from transformers import BertConfig, BertModel
 
 from mtnlp import training
-from mtnlp.args import parse_args
-from mtnlp.cards import HeadOptions
-from mtnlp.errors import UserError
-from mtnlp.heads import HEADS
+from mtnlp.artifacts.run_folder import save_run
+from mtnlp.cards.schema import HeadOptions
 from mtnlp.metrics import METRICS
-from mtnlp.samplers import SAMPLERS
-from mtnlp.tiny import train_wordpiece
+from mtnlp.modeling.heads import HEADS
+from mtnlp.modeling.tiny import train_wordpiece
+from mtnlp.training.args import parse_args
+from mtnlp.training.samplers import SAMPLERS
+from mtnlp.utils.errors import UserError
 
 from conftest import REPO
 
@@ -692,7 +693,7 @@ def checkpoint_of_the_model(meta: dict | None = None, weights: bytes | None = No
     tiny tasks (or `meta`), `weights` replacing model.safetensors when given."""
 
     def setup(case: Path) -> None:
-        from mtnlp.cards import load_cards
+        from mtnlp.cards.load import load_cards
 
         folder = case / "out" / "checkpoint-1"
         folder.mkdir(parents=True)
@@ -844,16 +845,16 @@ def tiny_model_folder(tiny_tasks, tmp_path_factory) -> Path:
     """A saved, untrained model of the tiny tasks (what `training.save_run` writes)."""
     import torch
 
-    from mtnlp.cards import load_cards
-    from mtnlp.modeling import MultiTaskModel
-    from mtnlp.tiny import tiny_bert
+    from mtnlp.cards.load import load_cards
+    from mtnlp.modeling.model import MultiTaskModel
+    from mtnlp.modeling.tiny import tiny_bert
 
     cards = load_cards([tiny_tasks / "cards"])
     tokenizer = train_wordpiece(["the cat sat on a mat", "alice ran to bob"], vocab_size=60)
     torch.manual_seed(0)
     model = MultiTaskModel.from_encoder(tiny_bert(tokenizer), [c.model_spec() for c in cards])
     folder = tmp_path_factory.mktemp("safety") / "model"
-    training.save_run(folder, model, tokenizer, cards, {}, [], {})
+    save_run(folder, model, tokenizer, cards, {}, [], {})
     return folder
 
 
@@ -1134,7 +1135,7 @@ def checkpoint_of_this_run(
         import torch
         from safetensors.torch import save_file
 
-        from mtnlp.cards import load_cards
+        from mtnlp.cards.load import load_cards
 
         folder = case / "out" / "checkpoint-4"
         folder.mkdir(parents=True)

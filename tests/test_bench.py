@@ -19,14 +19,14 @@ from conftest import REPO
 sys.path.insert(0, str(REPO))  # the bench scripts are modules of the repository's bench/ folder
 
 from bench import common, glue_quality, inference, overhead, padding
-from mtnlp.cards import load_cards
-from mtnlp.data import example_lengths, make_dataloader
+from mtnlp.cards.load import load_cards
+from mtnlp.data.loaders import example_lengths, make_dataloader
 
 
 @pytest.fixture(scope="module")
 def tiny_folder(tmp_path_factory, tiny_tokenizer):
     """A tiny random BERT and a 200-word vocabulary (cheap for datasets to fingerprint)."""
-    from mtnlp.tiny import tiny_bert
+    from mtnlp.modeling.tiny import tiny_bert
 
     folder = tmp_path_factory.mktemp("tiny")
     torch.manual_seed(0)
@@ -86,7 +86,7 @@ def test_group_by_length_order_follows_the_generator(tiny_tokenizer, sst2_card):
 
 
 def test_group_by_length_flag_parses():
-    from mtnlp.args import parse_args
+    from mtnlp.training.args import parse_args
 
     assert parse_args(["--group-by-length"]).group_by_length is True
     assert parse_args([]).group_by_length is False
@@ -123,10 +123,10 @@ def test_overhead_times_the_same_batches_in_both_loops(
     tiny_folder, data_dir, tmp_path, monkeypatch
 ):
     """Pairs are timed, and the plain loop trains on exactly the batches mtnlp trained on."""
-    from mtnlp import training
+    from mtnlp.training import mixing
 
     seen = {"mtnlp": [], "plain": []}
-    original_next = training.TaskStreams.next
+    original_next = mixing.TaskStreams.next
 
     def recording_next(self, task):
         batch = original_next(self, task)
@@ -139,7 +139,7 @@ def test_overhead_times_the_same_batches_in_both_loops(
                 seen["plain"].append(batch["input_ids"].clone())
                 yield batch
 
-    monkeypatch.setattr(training.TaskStreams, "next", recording_next)
+    monkeypatch.setattr(mixing.TaskStreams, "next", recording_next)
     monkeypatch.setattr(overhead, "_endless", recording_endless)
     result = overhead.measure(
         tiny_folder,

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from mtnlp.cards import load_card, load_cards
-from mtnlp.errors import UserError
+from mtnlp.cards.load import load_card, load_cards, parse_card
+from mtnlp.utils.errors import UserError
 
 from conftest import REPO
 
@@ -128,3 +128,28 @@ def test_model_spec_round_trips_through_yaml(tmp_path: Path) -> None:
     again = load_card(write(tmp_path, card.to_yaml(), "again.yaml"))
     assert again.model_spec() == card.model_spec()
     assert card.model_spec()["labels"] == ["entailment", "not_entailment"]
+
+
+def test_replace_gives_a_validated_copy_that_keeps_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "ner.yaml"
+    path.write_text((REPO / "tasks" / "conll2003" / "ner.yaml").read_text(encoding="utf-8"))
+    card = load_card(path)
+    copy = card.replace(layer=4, stack_on="chunk", task_layer={"type": "transformer"})
+    assert (copy.layer, copy.stack_on, copy.task_layer.type) == (4, "chunk", "transformer")
+    assert (card.layer, card.stack_on, card.task_layer) == (-1, None, None)  # unchanged
+    assert copy.path == path and copy.where == str(path)
+    assert copy.model_dump(exclude={"layer", "stack_on", "task_layer"}) == card.model_dump(
+        exclude={"layer", "stack_on", "task_layer"}
+    )
+    assert copy.replace(layer=-1, stack_on=None, task_layer=None) == card  # back to the defaults
+    with pytest.raises(UserError) as error:
+        card.replace(successive_regularization=0.5)  # needs stack_on
+    assert str(error.value) == (
+        f"{path}: successive_regularization: needs stack_on (the task it is pulled to)"
+    )
+    with pytest.raises(UserError, match=rf"^{path}: layers: unknown field; known: name, type"):
+        card.replace(layers=4)
+    built = parse_card(card.model_dump(), "code")  # a card built in code: named by its task
+    assert built.replace(layer=2).path is None
+    with pytest.raises(UserError, match=r"^task ner: layer: Input should be a valid integer"):
+        built.replace(layer="top")

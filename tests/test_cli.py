@@ -20,12 +20,12 @@ import pytest
 import torch
 from tiny_runs import WORDS, write_tiny_tasks
 
-from mtnlp.cards import load_cards
+from mtnlp.artifacts.run_folder import save_run
+from mtnlp.cards.load import load_cards
 from mtnlp.cli import main
-from mtnlp.modeling import MultiTaskModel
-from mtnlp.pipeline import MultiTaskPipeline
-from mtnlp.tiny import tiny_bert, train_wordpiece
-from mtnlp.training import save_run
+from mtnlp.inference.pipeline import MultiTaskPipeline
+from mtnlp.modeling.model import MultiTaskModel
+from mtnlp.modeling.tiny import tiny_bert, train_wordpiece
 
 from conftest import TINY_TEXT
 
@@ -169,6 +169,24 @@ def test_evaluate(tiny, commands):
     predicted = pipeline(tiny.model)([row["sentence"] for row in rows], tasks=["cls"])
     correct = [p["cls"]["label"] == row["label"] for p, row in zip(predicted, rows, strict=True)]
     assert metrics["cls"]["accuracy"] == pytest.approx(sum(correct) / len(rows))
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_evaluate_leaves_the_model_in_the_mode_it_had(training, tiny, monkeypatch, capsys):
+    """`mtnlp evaluate` gets an eval-mode model; the training loop's model trains on after."""
+    from mtnlp.inference import loading
+
+    loaded, load_model = [], loading.load_model
+
+    def load(name: str):
+        model, tokenizer = load_model(name)
+        loaded.append(model.train(training))
+        return model, tokenizer
+
+    monkeypatch.setattr(loading, "load_model", load)
+    main(["evaluate", str(tiny.model), "--data-dir", str(tiny.data), "--max-eval-samples", "4"])
+    assert set(json.loads(capsys.readouterr().out)) == {"cls", "reg", "tag"}
+    assert {module.training for module in loaded[0].modules()} == {training}
 
 
 def test_predict(tiny, commands):

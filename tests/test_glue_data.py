@@ -6,10 +6,13 @@ from pathlib import Path
 
 import pytest
 
-from mtnlp.cards import load_cards, parse_card
-from mtnlp.data import align_labels, label_to_id, load_raw, load_task
-from mtnlp.errors import UserError
-from mtnlp.heads import IGNORE_INDEX
+from mtnlp.cards.load import load_cards, parse_card
+from mtnlp.data.labels import label_to_id
+from mtnlp.data.read import load_raw
+from mtnlp.data.tokenize import load_task
+from mtnlp.data.words import align_labels
+from mtnlp.modeling.heads import IGNORE_INDEX
+from mtnlp.utils.errors import UserError
 
 from conftest import REPO
 

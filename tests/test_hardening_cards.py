@@ -13,10 +13,9 @@ import yaml
 from tiny_runs import reset_accelerate, write_tiny_tasks
 
 from mtnlp import training
-from mtnlp.args import parse_args
-from mtnlp.cards import load_card, load_cards, parse_card
-from mtnlp.data import load_raw, resolve_file
-from mtnlp.errors import UserError
+from mtnlp.artifacts.report import dev_series
+from mtnlp.cards.load import load_card, load_cards, parse_card
+from mtnlp.data.read import load_raw, resolve_file
 from mtnlp.metrics import (
     METRICS,
     Metric,
@@ -25,8 +24,10 @@ from mtnlp.metrics import (
     main_metrics,
     main_score,
 )
-from mtnlp.report import dev_series
-from mtnlp.selection import BestCheckpoint, dev_score
+from mtnlp.training import callbacks
+from mtnlp.training.args import parse_args
+from mtnlp.training.selection import BestCheckpoint, dev_score
+from mtnlp.utils.errors import UserError
 
 from conftest import REPO
 
@@ -180,7 +181,7 @@ def test_keep_best_selects_by_seqeval_f1_in_training(tmp_path, monkeypatch):
             {"overall_precision": 0.5, "overall_recall": 0.2, "overall_f1": 0.29},
         ]
     )
-    monkeypatch.setattr(training, "evaluate", lambda *args: {"tag": next(scripted)})
+    monkeypatch.setattr(callbacks, "evaluate", lambda *args: {"tag": next(scripted)})
     output = tmp_path / "out"
     flags = [
         "--model", "tiny", "--cards", str(cards), "--data-dir", str(data), "--tasks", "tag",
@@ -314,7 +315,7 @@ def test_reader_errors_show_no_file_content(tmp_path, monkeypatch):
     def fail(*args, **kwargs):
         raise ValueError("bad value 'private words' in line 2, near \"private\"\nprivate words\ta")
 
-    monkeypatch.setattr("mtnlp.data.datasets.load_dataset", fail)
+    monkeypatch.setattr("mtnlp.data.read.datasets.load_dataset", fail)
     with pytest.raises(UserError) as error:
         load_raw(parse_card(VALID, "t.yaml"), ["train"], [tmp_path])
     assert str(error.value) == (
@@ -365,7 +366,7 @@ FIRST = '{"sentence": "x", "label": "a"}'
     ids=["missing-text", "null-text", "missing-label", "null-label"],
 )
 def test_json_null_or_missing_values(tmp_path, tiny_tokenizer, rows, message):
-    from mtnlp.data import load_task
+    from mtnlp.data.tokenize import load_task
 
     data, path = json_card(tmp_path, rows)
     with pytest.raises(UserError) as error:
@@ -374,7 +375,7 @@ def test_json_null_or_missing_values(tmp_path, tiny_tokenizer, rows, message):
 
 
 def test_long_values_are_clipped_in_errors(tmp_path, tiny_tokenizer):
-    from mtnlp.data import load_task
+    from mtnlp.data.tokenize import load_task
 
     long = "private " * 20
     data, path = json_card(tmp_path, [json.dumps({"sentence": "x", "label": long})])

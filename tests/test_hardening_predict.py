@@ -18,15 +18,16 @@ from tiny_runs import reset_accelerate, save_tiny_model, write_tiny_tasks
 from transformers import AutoTokenizer
 
 from mtnlp import training
-from mtnlp.args import parse_args
-from mtnlp.cards import load_card, load_cards
-from mtnlp.checkpointing import CHECKPOINT_META, check_tasks
+from mtnlp.cards.load import load_card, load_cards
 from mtnlp.cli import main
-from mtnlp.data import load_raw
-from mtnlp.errors import UserError
-from mtnlp.modeling import MultiTaskModel
-from mtnlp.pipeline import MultiTaskPipeline
-from mtnlp.tiny import tiny_bert
+from mtnlp.data.read import load_raw
+from mtnlp.inference.pipeline import MultiTaskPipeline
+from mtnlp.modeling.model import MultiTaskModel
+from mtnlp.modeling.tiny import tiny_bert
+from mtnlp.training.args import parse_args
+from mtnlp.training.callbacks import default_log_every
+from mtnlp.training.checkpointing import CHECKPOINT_META, check_tasks
+from mtnlp.utils.errors import UserError
 
 from conftest import REPO, task_spec
 
@@ -289,11 +290,11 @@ def test_split_options_are_checked(tmp_path):
 
 # ------------------------------------------------------------------------------ item 19
 def test_short_runs_log_twenty_points(tiny, tmp_path, monkeypatch):
-    monkeypatch.setattr("mtnlp.training.write_report", lambda *args, **kwargs: None)
+    monkeypatch.setattr("mtnlp.artifacts.run_folder.write_report", lambda *args, **kwargs: None)
     _, cards, data, _ = tiny
-    assert training.default_log_every(40) == 2
-    assert training.default_log_every(10) == 1
-    assert training.default_log_every(100_000) == 50
+    assert default_log_every(40) == 2
+    assert default_log_every(10) == 1
+    assert default_log_every(100_000) == 50
     for flags, points in [((), 20), (("--log-every", "50"), 1)]:
         output = tmp_path / f"out{len(flags)}"
         reset_accelerate()

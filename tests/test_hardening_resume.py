@@ -24,11 +24,16 @@ from test_resume import run_recipe
 from tiny_runs import CARDS, reset_accelerate, write_tiny_tasks
 
 from mtnlp import training
-from mtnlp.args import parse_args
-from mtnlp.cards import load_cards
-from mtnlp.checkpointing import LOCK_FILE, MODEL_FILE, list_checkpoints, output_lock
-from mtnlp.errors import UserError
-from mtnlp.tiny import tiny_bert, train_wordpiece
+from mtnlp.artifacts import run_folder
+from mtnlp.cards.load import load_cards
+from mtnlp.data.read import training_text
+from mtnlp.modeling.tiny import tiny_bert, train_wordpiece
+from mtnlp.training import callbacks, setup
+from mtnlp.training.args import parse_args
+from mtnlp.training.callbacks import OnStep
+from mtnlp.training.checkpointing import MODEL_FILE, list_checkpoints
+from mtnlp.utils.errors import UserError
+from mtnlp.utils.files import LOCK_FILE, output_lock
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
@@ -50,7 +55,7 @@ def tiny(tmp_path_factory) -> tuple[Path, Path, Path]:
     root = tmp_path_factory.mktemp("hardening_resume")
     cards, data = write_tiny_tasks(root, train_size=16)
     (cards / "upper.yaml").write_text(STACKED, encoding="utf-8")
-    tokenizer = train_wordpiece(training._training_text(load_cards([cards]), [data]))
+    tokenizer = train_wordpiece(training_text(load_cards([cards]), [data]))
     tiny_bert(tokenizer).save_pretrained(root / "encoder")
     tokenizer.save_pretrained(root / "encoder")
     return cards, data, root / "encoder"
@@ -59,7 +64,7 @@ def tiny(tmp_path_factory) -> tuple[Path, Path, Path]:
 @pytest.fixture(autouse=True)
 def fresh_accelerate(monkeypatch):
     """Clean accelerate singletons around each test; no report plots (slow, not tested here)."""
-    monkeypatch.setattr(training, "write_report", lambda *args, **kwargs: None)
+    monkeypatch.setattr(run_folder, "write_report", lambda *args, **kwargs: None)
     reset_accelerate()
     yield
     reset_accelerate()
@@ -87,7 +92,7 @@ def train(argv: list[str], kill_at: int | None = None, on_step=None) -> dict:
 
     reset_accelerate()
     try:
-        return training.train(args, load_cards(args.cards, args.task_list), step_done)
+        return training.train(args, load_cards(args.cards, args.task_list), [OnStep(step_done)])
     finally:
         reset_accelerate()
 
@@ -107,14 +112,14 @@ def killed_and_resumed(argv: list[str], output: Path, kill_at: int, **hooks) -> 
     with pytest.raises(Killed):
         train(argv, kill_at=kill_at, **hooks)
     train([*argv, "--resume-from-checkpoint", "latest"], **hooks)
-    assert summary(output)["resumed_from"] == str(output / f"checkpoint-{kill_at}")
+    assert summary(output)["resumed_from"] == f"checkpoint-{kill_at}"
 
 
 # ------------------------------------------------------------------------------ item 4
 def test_keep_best_resumes_exactly(tiny, tmp_path, monkeypatch):
     """The dev score peaks at step 4, before the checkpoint of step 6: the resumed run must
     remember that evaluation (and its weights) to end like the uninterrupted run."""
-    evaluate, done = training.evaluate, {"step": 0}
+    evaluate, done = callbacks.evaluate, {"step": 0}
 
     def peak_at_step_4(*args, **kwargs):  # the step being evaluated: one after the last done
         results = evaluate(*args, **kwargs)
@@ -124,7 +129,7 @@ def test_keep_best_resumes_exactly(tiny, tmp_path, monkeypatch):
     def on_step(step: int, tasks: list[str]) -> None:
         done["step"] = step
 
-    monkeypatch.setattr(training, "evaluate", peak_at_step_4)
+    monkeypatch.setattr(callbacks, "evaluate", peak_at_step_4)
     run = ("--keep-best", "--eval-every", "2", "--checkpoint-every", "3")
     reference = train(flags(tiny, tmp_path / "reference", "cls,tag", *run), on_step=on_step)
     output = tmp_path / "resumed"
@@ -169,7 +174,7 @@ def test_missing_random_states_are_refused(checkpointed):
     assert [p.name for p in list_checkpoints(output)][-1] == "checkpoint-12"  # nothing removed
 
 
-@pytest.mark.parametrize("name", ["random_states_0.pkl", "custom_checkpoint_1.pkl"])
+@pytest.mark.parametrize("name", ["random_states_0.pkl", "custom_checkpoint_0.pkl"])
 def test_a_truncated_state_file_is_one_line(checkpointed, name):
     argv, output = checkpointed
     state = output / "checkpoint-6" / name
@@ -186,9 +191,9 @@ def test_keep_best_state_missing_from_an_older_checkpoint_is_named(checkpointed)
     with pytest.raises(UserError) as error:
         train([*argv, "--keep-best", "--resume-from-checkpoint", str(output / "checkpoint-6")])
     assert str(error.value) == (
-        f"--resume-from-checkpoint: {output}/checkpoint-6: custom_checkpoint_5.pkl is missing "
-        "(the --keep-best tracker), so the run cannot continue exactly; resume from a complete "
-        "checkpoint"
+        f"--resume-from-checkpoint: {output}/checkpoint-6: holds no --keep-best tracker (it was "
+        "written without it), so the run cannot continue exactly; resume with the options it was "
+        "written with"
     )
 
 
@@ -209,9 +214,9 @@ def test_another_model_is_refused(checkpointed, tiny):
 def test_changed_schedule_flags_warn(checkpointed, caplog):
     argv, output = checkpointed
     resume = ["--resume-from-checkpoint", str(output / "checkpoint-9")]
-    with caplog.at_level(logging.WARNING, logger="mtnlp.checkpointing"):
+    with caplog.at_level(logging.WARNING, logger="mtnlp.training.checkpointing"):
         train([*argv, "--batch-size", "2", "--max-steps", "10", *resume])
-    warnings = [r.getMessage() for r in caplog.records if r.name == "mtnlp.checkpointing"]
+    warnings = [r.getMessage() for r in caplog.records if r.name == "mtnlp.training.checkpointing"]
     assert warnings == [
         f"--resume-from-checkpoint: {output}/checkpoint-9 was written with --batch-size 4; this "
         "run has --batch-size 2, so it will not continue that run exactly",
@@ -352,18 +357,21 @@ def test_the_lock_is_held_while_training_and_released_after(tiny, tmp_path):
 
 
 def test_finetune_each_keeps_the_folder_locked_and_locks_each_stage(tiny, tmp_path, monkeypatch):
-    from mtnlp import finetune
+    from mtnlp.training import stages
 
     output, held = tmp_path / "out", []
-    stage_train = finetune.train
+    stage_train = stages.train
 
     def checked_stage(args, cards):
+        if Path(args.output_dir) == output:  # the multi-task stage
+            return stage_train(args, cards)
+
         def check(step: int, tasks: list[str]) -> None:
             held.append((locked(output), locked(Path(args.output_dir))))
 
-        return stage_train(args, cards, check)
+        return stage_train(args, cards, [OnStep(check)])
 
-    monkeypatch.setattr(finetune, "train", checked_stage)
+    monkeypatch.setattr(stages, "train", checked_stage)
     argv = flags(tiny, output, "cls,reg", "--max-steps", "2", "--finetune-each")
     training.run(parse_args([*argv, "--finetune-max-steps", "1"]), [])
     assert held == [(True, True), (True, True)]  # each task's stage: its folder and the run's
@@ -389,7 +397,7 @@ def test_output_dir_is_checked_writable_before_training(tiny, tmp_path, monkeypa
         return write_bytes(self, data)
 
     monkeypatch.setattr(Path, "write_bytes", read_only)
-    monkeypatch.setattr(training, "load_task", lambda *a, **k: pytest.fail("data loaded"))
+    monkeypatch.setattr(setup, "load_task", lambda *a, **k: pytest.fail("data loaded"))
     output = tmp_path / "new" / "out"
     with pytest.raises(UserError) as error:
         train(flags(tiny, output, "cls", "--max-steps", "1"))
@@ -409,17 +417,22 @@ def test_output_lock_leaves_no_empty_folder_and_excludes_this_process_too(tmp_pa
 
 
 def test_a_lock_file_removed_before_flock_is_locked_anew(tmp_path, monkeypatch):
-    """Its holder removed the file between this run's open and flock: locking that unlinked file
-    would let a third run lock a new one, so the run opens the path again."""
-    flock, calls = fcntl.flock, []
+    """Its holder removed the file between this run's open and flock (inside filelock): holding
+    that unlinked file would let a third run lock a new one, so the run locks the path anew."""
+    flock, path, raced = fcntl.flock, tmp_path / LOCK_FILE, []
 
     def racing_flock(descriptor: int, operation: int) -> None:
-        if not calls:
-            (tmp_path / LOCK_FILE).unlink()
-        calls.append(descriptor)
+        at_path = path.exists() and os.path.samestat(os.fstat(descriptor), path.stat())
+        if operation & fcntl.LOCK_EX and at_path and not raced:
+            path.unlink()  # the holder leaves, just before this run's flock
+            raced.append(descriptor)
         flock(descriptor, operation)
 
-    monkeypatch.setattr(fcntl, "flock", racing_flock)
+    monkeypatch.setattr(fcntl, "flock", racing_flock)  # what filelock locks with on Unix
     with output_lock(tmp_path):
-        assert len(calls) == 2 and (tmp_path / LOCK_FILE).is_file()
-    assert not (tmp_path / LOCK_FILE).exists()
+        monkeypatch.setattr(fcntl, "flock", flock)
+        assert raced and locked(tmp_path)  # the file now at the path is the one held
+        assert path.read_text() == f"pid {os.getpid()} on {socket.gethostname()}\n"
+        with pytest.raises(UserError, match="another run is writing"), output_lock(tmp_path):
+            pass  # a third run
+    assert not path.exists()

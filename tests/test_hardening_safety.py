@@ -6,6 +6,7 @@ of reach is one line; the model card shows no local folder. The table of exact C
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import socket
 from pathlib import Path
@@ -22,15 +23,19 @@ from safetensors.torch import load_file
 from tiny_runs import write_tiny_tasks
 from transformers import AutoModel
 
-from mtnlp.cards import load_cards
-from mtnlp.checkpointing import read_meta
+from mtnlp.artifacts.run_folder import save_run
+from mtnlp.cards.load import load_cards
 from mtnlp.cli import main
-from mtnlp.data import load_raw
-from mtnlp.errors import UserError
-from mtnlp.hub import model_card, push_to_hub
-from mtnlp.modeling import MultiTaskConfig, MultiTaskModel
-from mtnlp.tiny import tiny_bert, train_wordpiece
-from mtnlp.training import save_run
+from mtnlp.data.read import load_raw
+from mtnlp.hub.card import model_card
+from mtnlp.hub.push import push_to_hub
+from mtnlp.metrics import load_evaluate_module
+from mtnlp.modeling.config import MultiTaskConfig
+from mtnlp.modeling.model import MultiTaskModel
+from mtnlp.modeling.tiny import tiny_bert, train_wordpiece
+from mtnlp.training.checkpointing import read_meta
+from mtnlp.utils.errors import UserError
+from mtnlp.utils.files import LOCK_FILE, atomic_folder, output_lock, staging_folder
 
 from conftest import REPO
 
@@ -56,6 +61,7 @@ def model(tiny, tmp_path) -> Path:
 
 # ------------------------------------------------------------------------------ item 10
 def test_custom_metrics_run_only_when_allowed(model, tiny, capsys):
+    load_evaluate_module.cache_clear()  # evaluate.load runs once per name and process
     card = model / "cards" / "cls.yaml"
     card.write_text(card.read_text().replace("- accuracy", "- someone/metric"))
     module = SimpleNamespace(compute=mock.Mock(return_value={"custom": 0.25, "counts": [1, 2]}))
@@ -68,6 +74,7 @@ def test_custom_metrics_run_only_when_allowed(model, tiny, capsys):
         main([*command, "--allow-custom-metrics"])
     load.assert_called_once_with("someone/metric")
     assert json.loads(capsys.readouterr().out) == {"cls": {"custom": 0.25}}
+    load_evaluate_module.cache_clear()  # the mock module is no metric for later tests
 
 
 # ------------------------------------------------------------------------------ item 11
@@ -235,3 +242,57 @@ def test_model_card_shows_no_local_folder_and_needs_no_network(model, monkeypatc
     assert "(from a local encoder folder, `my-bert`)" in text
     assert "| accuracy, my_f1.py |" in text
     assert "base_model" not in text
+
+
+# ------------------------------------------------------------------------------ output folder
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="POSIX links and FIFOs")
+def test_a_link_or_fifo_at_the_lock_path_is_refused(tmp_path):
+    """filelock opens the lock file by its name, following a link (and, before filelock 4,
+    truncating what it points to): the lock path must be a plain file or nothing."""
+    output, precious = tmp_path / "out", tmp_path / "precious.txt"
+    output.mkdir()
+    precious.write_text("keep me\n")
+    (output / LOCK_FILE).symlink_to(precious)
+    with pytest.raises(UserError) as error, output_lock(output):
+        pytest.fail("locked through a link")
+    assert str(error.value) == (
+        f"--output-dir: {output}: {output / LOCK_FILE} is a symbolic link; mtnlp locks the folder "
+        "with a file of that name: remove it"
+    )
+    assert precious.read_text() == "keep me\n" and (output / LOCK_FILE).is_symlink()
+    (output / LOCK_FILE).unlink()
+    os.mkfifo(output / LOCK_FILE)  # opening it to read the holder would block
+    with pytest.raises(UserError, match=r"\.lock is not a regular file; "), output_lock(output):
+        pass
+
+
+def test_atomic_folder_replaces_or_merges_and_never_half_writes(tmp_path):
+    final = tmp_path / "checkpoint-4"
+    with atomic_folder(final) as staging:
+        assert staging == staging_folder(final) == tmp_path / ".checkpoint-4.tmp"
+        (staging / "model.safetensors").write_bytes(b"weights")
+        (staging / "sub").mkdir()
+        (staging / "sub" / "state.json").write_text("{}")
+        assert not final.exists()  # nothing in place before the block ends
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-4"]
+    assert (final / "sub" / "state.json").read_text() == "{}"
+    with pytest.raises(RuntimeError), atomic_folder(final) as staging:  # killed while writing
+        (staging / "model.safetensors").write_bytes(b"half")
+        raise RuntimeError("killed")
+    assert (final / "model.safetensors").read_bytes() == b"weights"  # the old one, whole
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-4"]
+    with atomic_folder(final) as staging:  # resumed from an earlier step: replaced as a whole
+        (staging / "model.safetensors").write_bytes(b"new")
+    assert sorted(p.name for p in final.iterdir()) == ["model.safetensors"]
+
+    run = tmp_path / "run"  # merge: the final save of a run folder that holds checkpoints
+    (run / "checkpoint-2").mkdir(parents=True)
+    (run / "cards").mkdir()
+    (run / "cards" / "old.yaml").write_text("old")
+    with atomic_folder(run, merge=True) as staging:
+        assert staging.parent == run and staging.name.startswith(".saving-")
+        (staging / "cards").mkdir()
+        (staging / "cards" / "cls.yaml").write_text("new")
+        (staging / "eval_results.json").write_text("{}")
+    assert sorted(p.name for p in run.iterdir()) == ["cards", "checkpoint-2", "eval_results.json"]
+    assert [p.name for p in (run / "cards").iterdir()] == ["cls.yaml"]  # a folder: replaced

@@ -16,10 +16,11 @@ import torch
 from tiny_runs import reset_accelerate, write_tiny_tasks
 
 from mtnlp import training
-from mtnlp.args import TrainArguments, parse_args
-from mtnlp.errors import UserError, exit_on_user_error
-from mtnlp.modeling import MultiTaskModel
-from mtnlp.task_mixing import average_gradients
+from mtnlp.artifacts import run_folder
+from mtnlp.modeling.model import MultiTaskModel
+from mtnlp.training.args import TrainArguments, parse_args
+from mtnlp.training.step import average_gradients
+from mtnlp.utils.errors import UserError, exit_on_user_error
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
@@ -37,15 +38,15 @@ def test_finetune_each_starts_every_task_from_its_multi_task_weights(
     cards, data = tiny_tasks
     starts: list[dict[str, torch.Tensor]] = []  # each stage's initial weights
 
-    original = training.initial_model
+    original = MultiTaskModel.from_multitask
 
     def recording(pretrained, specs, sharing=None):
         model = original(pretrained, specs, sharing)
         starts.append(copy.deepcopy(model.state_dict()))
         return model
 
-    monkeypatch.setattr(training, "initial_model", recording)
-    monkeypatch.setattr(training, "write_report", lambda *args, **kwargs: None)  # plots: slow
+    monkeypatch.setattr(MultiTaskModel, "from_multitask", recording)
+    monkeypatch.setattr(run_folder, "write_report", lambda *args, **kwargs: None)  # plots: slow
     output = tmp_path / "out"
     reset_accelerate()
     flags = [

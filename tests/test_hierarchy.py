@@ -7,16 +7,15 @@ import pytest
 import torch
 from transformers import BertConfig, BertModel
 
-from mtnlp.cards import load_cards, parse_card
-from mtnlp.errors import UserError
-from mtnlp.hierarchy import (
+from mtnlp.cards.load import load_cards, parse_card
+from mtnlp.modeling.hierarchy import check_stacking, with_dependencies
+from mtnlp.modeling.model import MultiTaskModel
+from mtnlp.training.regularizers import (
     SuccessiveRegularizer,
-    check_stacking,
     successive_penalty,
     trained_parameter_names,
-    with_dependencies,
 )
-from mtnlp.modeling import MultiTaskModel
+from mtnlp.utils.errors import UserError
 
 from conftest import task_spec
 

@@ -1,9 +1,12 @@
 """Pushing to the Hub (mocked: no network): which files one commit holds, what the model card says,
-and that the pushed files load through both entry points with identical outputs."""
+and that the pushed files load through both entry points with identical outputs; transformers' own
+`model.push_to_hub` publishing the whole model folder (label maps, cards, mtnlp's model card)."""
 
 from __future__ import annotations
 
 import json
+import shutil
+from importlib import resources
 from pathlib import Path
 from types import SimpleNamespace
 from unittest import mock
@@ -16,13 +19,14 @@ from huggingface_hub import HfApi, ModelCard, RepoUrl
 from huggingface_hub.errors import LocalTokenNotFoundError
 from transformers import AutoModel, AutoTokenizer
 
-from mtnlp.args import parse_args
-from mtnlp.cards import parse_card
-from mtnlp.errors import UserError
-from mtnlp.hub import model_card, push_to_hub
-from mtnlp.modeling import MultiTaskModel
-from mtnlp.tiny import tiny_bert
-from mtnlp.training import save_run
+from mtnlp.artifacts.run_folder import save_run
+from mtnlp.cards.load import parse_card
+from mtnlp.hub.card import model_card, write_model_card
+from mtnlp.hub.push import push_to_hub
+from mtnlp.modeling.model import MultiTaskModel
+from mtnlp.modeling.tiny import tiny_bert
+from mtnlp.training.args import parse_args
+from mtnlp.utils.errors import UserError
 
 REPO_ID = "me/tiny-mt"
 
@@ -159,6 +163,20 @@ def test_model_card_text(run):
     assert f"mtnlp predict {REPO_ID} --tasks rte,stsb,mnli" in text
 
 
+def test_model_card_cells(run, tmp_path):
+    """Settings keep their own notation; a `|` or line break in a value stays inside its cell."""
+    folder = tmp_path / "run"
+    shutil.copytree(run.folder, folder)
+    args = {**SUMMARY["args"], "learning_rate": 2e-05, "batch_size": 16}
+    (folder / "train_summary.json").write_text(json.dumps({**SUMMARY, "args": args}))
+    rte = yaml.safe_load((folder / "cards/rte.yaml").read_text())
+    (folder / "cards/rte.yaml").write_text(yaml.safe_dump({**rte, "description": "a | b\nc"}))
+    text = ModelCard(model_card(run.model.config, REPO_ID, folder)).text
+    assert "| learning rate | 2e-05 |" in text
+    assert "| batch size per process | 16 |" in text
+    assert "| rte | classification | a \\| b c | entailment, not_entailment |" in text
+
+
 def test_push_folder_commits_the_artifact(run, hub, tmp_path):
     commit = push_to_hub(run.folder, REPO_ID, private=True)
     assert commit.commit_url.startswith(f"https://huggingface.co/{REPO_ID}")
@@ -202,13 +220,166 @@ def test_push_folder_commits_the_artifact(run, hub, tmp_path):
         torch.testing.assert_close(by_class[task].logits, original[task].logits, rtol=0, atol=1e-6)
 
 
-def test_model_push_to_hub_method(run, hub):
-    run.model.push_to_hub(REPO_ID, tokenizer=run.tokenizer, run_dir=run.folder)
+def test_push_a_loaded_model_object_with_its_tokenizer(run, hub):
+    """`mtnlp.push_to_hub(model, ...)`: the card and run files come from the folder it was loaded
+    from (its companion files), the tokenizer is the one given."""
+    push_to_hub(MultiTaskModel.from_pretrained(run.folder), REPO_ID, tokenizer=run.tokenizer)
     files = hub.commits[0]["files"]
     assert {"model.safetensors", "config.json", "tokenizer.json", "cards/ner.yaml"} <= set(files)
     assert b"library_name: mtnlp" in files["README.md"]
     assert b"| mixed precision | bf16 |" in files["README.md"]
+    assert files["README.md"].decode() == model_card(run.model.config, REPO_ID, run.folder)
+    assert files["eval_results.json"] == (run.folder / "eval_results.json").read_bytes()
     assert hub.commits[0]["commit_message"] == "Upload mtnlp multi-task model"
+
+
+def other_run(run, folder: Path) -> Path:
+    """A copy of the run folder's run files, with other dev results and another step count."""
+    shutil.copytree(run.folder / "cards", folder / "cards")
+    results = {**RESULTS, "rte": {"accuracy": 0.875}}
+    (folder / "eval_results.json").write_text(json.dumps(results))
+    (folder / "train_summary.json").write_text(json.dumps({**SUMMARY, "steps": 99}))
+    return folder
+
+
+def test_push_folder_with_another_run_dir(run, hub, tmp_path):
+    """`run_dir` gives the card, metrics and summary; the weights stay the folder's."""
+    other = other_run(run, tmp_path / "other")
+    push_to_hub(run.folder, REPO_ID, run_dir=other)
+    files = hub.commits[0]["files"]
+    readme = files["README.md"].decode()
+    rte = "| rte | classification | RTE | entailment, not_entailment | accuracy | accuracy 0.8750 |"
+    assert rte in readme
+    assert "| optimizer steps | 99 |" in readme
+    assert readme == model_card(run.model.config, REPO_ID, other)
+    assert files["eval_results.json"] == (other / "eval_results.json").read_bytes()
+    assert files["train_summary.json"] == (other / "train_summary.json").read_bytes()
+    assert files["model.safetensors"] == (run.folder / "model.safetensors").read_bytes()
+    assert "plots/loss.png" in files  # the folder's run files that run_dir lacks stay
+
+    with pytest.raises(UserError, match="no-such-run: no such run folder"):
+        push_to_hub(run.folder, REPO_ID, run_dir=tmp_path / "no-such-run")
+
+    # a model object: run_dir's files win over the companion files it was loaded with
+    push_to_hub(MultiTaskModel.from_pretrained(run.folder), REPO_ID, run_dir=other)
+    files = hub.commits[1]["files"]
+    assert "| optimizer steps | 99 |" in files["README.md"].decode()
+    assert files["eval_results.json"] == (other / "eval_results.json").read_bytes()
+
+
+# ------------------------------------------------------------------ the model's own publishing
+@pytest.fixture
+def carded(run, tmp_path) -> Path:
+    """A copy of the run folder, finished as training finishes it: with its model card."""
+    folder = tmp_path / "carded"
+    shutil.copytree(run.folder, folder, ignore=shutil.ignore_patterns("checkpoint-*"))
+    write_model_card(folder, REPO_ID)
+    return folder
+
+
+COMPANIONS = {
+    "README.md", "eval_results.json", "train_summary.json", "plots/loss.png",
+    "plots/dev_metrics.png", "plots/task_share.png", *(f"cards/{c.name}.yaml" for c in CARDS),
+}  # fmt: skip
+MNLI_MAPS = {
+    "id2label": {"0": "entailment", "1": "neutral", "2": "contradiction"},
+    "label2id": {"entailment": 0, "neutral": 1, "contradiction": 2},
+}
+
+
+def test_write_model_card(run, tmp_path):
+    folder = tmp_path / "glue-run"
+    shutil.copytree(run.folder, folder)
+    path = write_model_card(folder)
+    assert path == folder / "README.md"
+    text = path.read_text(encoding="utf-8")
+    assert text == model_card(run.model.config, "glue-run", folder)  # default id: folder name
+    assert 'mtnlp.MultiTaskModel.from_pretrained("glue-run")' in text
+    assert "| optimizer steps | 7 |" in text
+    assert ModelCard(text).data.to_dict()["model-index"][0]["name"] == "glue-run"
+    write_model_card(folder, REPO_ID)
+    assert path.read_text(encoding="utf-8") == model_card(run.model.config, REPO_ID, folder)
+    assert not [p.name for p in folder.iterdir() if p.name.startswith(".")]  # no staging left
+
+
+def test_model_push_to_hub_uploads_the_whole_model(carded, hub):
+    """transformers' own `model.push_to_hub(repo)`: weights, config, label maps, cards, run files,
+    and mtnlp's model card as README.md (not transformers' generic one)."""
+    model = MultiTaskModel.from_pretrained(carded)
+    model.push_to_hub(REPO_ID, commit_message="Upload tiny-mt")
+    [commit] = hub.commits
+    assert (commit["repo_id"], commit["commit_message"]) == (REPO_ID, "Upload tiny-mt")
+    files = commit["files"]
+    assert set(files) == {"config.json", "model.safetensors", "label_maps.json", *COMPANIONS}
+    readme = files["README.md"].decode()
+    assert readme == (carded / "README.md").read_text(encoding="utf-8")
+    assert readme == model_card(model.config, REPO_ID, carded)
+    assert ModelCard(readme).data.to_dict()["library_name"] == "mtnlp"
+    assert "| mixed precision | bf16 |" in readme
+    assert "transformers model" not in readme
+    assert json.loads(files["label_maps.json"])["mnli"] == MNLI_MAPS
+    assert "rte" in json.loads(files["label_maps.json"])
+    assert "stsb" not in json.loads(files["label_maps.json"])  # regression: no labels
+    for name in COMPANIONS - {"README.md"}:
+        assert files[name] == (carded / name).read_bytes(), name
+    assert files["model.safetensors"] == (carded / "model.safetensors").read_bytes()
+
+
+def test_save_pretrained_push_to_hub_uploads_the_model_card(carded, hub, tmp_path):
+    """The other entry point, `save_pretrained(folder, push_to_hub=True)`, also publishes mtnlp's
+    card, into a folder that did not hold one."""
+    model = MultiTaskModel.from_pretrained(carded)
+    model.save_pretrained(tmp_path / "out", push_to_hub=True, repo_id=REPO_ID)
+    files = hub.commits[0]["files"]
+    assert {"config.json", "model.safetensors", "label_maps.json", *COMPANIONS} <= set(files)
+    assert files["README.md"] == (carded / "README.md").read_bytes()
+    assert (tmp_path / "out" / "README.md").read_bytes() == (carded / "README.md").read_bytes()
+
+
+def test_model_without_a_card_pushes_transformers_card(run, hub):
+    """A model built in memory has no companion files: transformers' card, the label maps."""
+    run.model.push_to_hub(REPO_ID)
+    files = hub.commits[0]["files"]
+    assert set(files) == {"config.json", "model.safetensors", "label_maps.json", "README.md"}
+    assert b"library_name: mtnlp" not in files["README.md"]
+    assert json.loads(files["label_maps.json"])["mnli"] == MNLI_MAPS
+
+
+def test_companion_files_round_trip(carded, tmp_path):
+    """from_pretrained keeps the folder's companion files as bytes; save_pretrained writes them
+    back with fresh label maps, and no other file of the run (log, report, tokenizer)."""
+    model = MultiTaskModel.from_pretrained(carded)
+    assert set(model.companion_files) == COMPANIONS
+    assert model.companion_files["cards/rte.yaml"] == (carded / "cards/rte.yaml").read_bytes()
+    assert set(AutoModel.from_pretrained(carded).companion_files) == COMPANIONS
+    out = tmp_path / "saved"
+    model.save_pretrained(out)
+    saved = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()}
+    assert saved == {"config.json", "model.safetensors", "label_maps.json", *COMPANIONS}
+    for name in COMPANIONS:
+        assert (out / name).read_bytes() == (carded / name).read_bytes(), name
+    assert json.loads((out / "label_maps.json").read_text())["mnli"] == MNLI_MAPS
+    again = MultiTaskModel.from_pretrained(out)
+    assert again.companion_files == model.companion_files
+    assert MultiTaskModel.from_pretrained(carded).companion_files["README.md"].startswith(b"---")
+
+
+def test_companion_file_names_stay_in_the_folder(carded, tmp_path):
+    model = MultiTaskModel.from_pretrained(carded)
+    for name in ["../evil.yaml", "cards/../../evil.yaml", "/tmp/evil.yaml", "model.py"]:
+        model.companion_files = {name: b"x"}
+        with pytest.raises(ValueError, match="match none of"):
+            model.save_pretrained(tmp_path / "out" / "inner")
+    assert not (tmp_path / "out").exists()
+    assert not (tmp_path / "evil.yaml").exists()
+
+
+def test_model_card_template_is_package_data():
+    template = resources.files("mtnlp.hub") / "model_card_template.md"
+    assert template.is_file()
+    assert "{{ card_data }}" in template.read_text(encoding="utf-8")
+    pyproject = (Path(__file__).parents[1] / "pyproject.toml").read_text()
+    assert '[tool.setuptools.package-data]\nmtnlp = ["hub/*.md"]' in pyproject  # in the wheel
 
 
 def test_card_names_the_full_repository_id(run, hub):

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
+from unittest import mock
 
 import pytest
 
-from mtnlp.metrics import METRICS, check_metric_name, compute_metrics
+from mtnlp.metrics import METRICS, check_metric_name, compute_metrics, load_evaluate_module
+from mtnlp.utils.errors import UserError
 
 
 def test_accuracy_and_f1_by_hand():
@@ -52,3 +55,26 @@ def test_unknown_metric_lists_known_names():
     assert {"accuracy", "f1", "matthews_correlation", "pearson", "spearmanr"} <= set(
         METRICS.names()
     )
+
+
+@pytest.fixture
+def fresh_metric_modules():
+    """No evaluate module cached from another test, and none left for the next."""
+    load_evaluate_module.cache_clear()
+    yield
+    load_evaluate_module.cache_clear()
+
+
+def test_an_evaluate_module_loads_once_per_process(fresh_metric_modules, monkeypatch):
+    module = SimpleNamespace(compute=mock.Mock(return_value={"custom": 0.5, "counts": [1, 2]}))
+    load = mock.Mock(side_effect=[ConnectionError("no network"), module])
+    monkeypatch.setattr("evaluate.load", load)
+    with pytest.raises(UserError, match=r"'someone/metric': evaluate\.load failed: no network"):
+        compute_metrics(["someone/metric"], [1], [1])
+    for _ in range(3):  # e.g. every --eval-every steps: loaded at the first, then reused
+        assert compute_metrics(["someone/metric", "accuracy"], [1], [1]) == {
+            "custom": 0.5,
+            "accuracy": 1.0,
+        }
+    assert load.call_args_list == [mock.call("someone/metric")] * 2  # a failure is not cached
+    assert module.compute.call_count == 3

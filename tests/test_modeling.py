@@ -7,9 +7,9 @@ import torch
 from transformers import AutoConfig, AutoModel
 
 import mtnlp
-from mtnlp.heads import HEADS, IGNORE_INDEX
-from mtnlp.modeling import MultiTaskModel
-from mtnlp.tiny import tiny_bert
+from mtnlp.modeling.heads import HEADS, IGNORE_INDEX
+from mtnlp.modeling.model import MultiTaskModel
+from mtnlp.modeling.tiny import tiny_bert
 
 from conftest import TINY_TASKS, task_spec
 

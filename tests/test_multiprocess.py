@@ -19,10 +19,11 @@ from accelerate import Accelerator
 from tiny_runs import free_port, reset_accelerate, weights_digest, write_tiny_tasks
 from transformers import AutoTokenizer
 
-from mtnlp import training
-from mtnlp.cards import load_cards
-from mtnlp.data import load_task, make_dataloader
-from mtnlp.modeling import MultiTaskModel
+from mtnlp.cards.load import load_cards
+from mtnlp.data.loaders import make_dataloader
+from mtnlp.data.tokenize import load_task
+from mtnlp.inference.evaluate import evaluate
+from mtnlp.modeling.model import MultiTaskModel
 
 from conftest import REPO
 
@@ -97,7 +98,7 @@ def test_metrics_match_one_process(two_process_run):
         }
         model = accelerator.prepare(MultiTaskModel.from_pretrained(output))
         with torch.no_grad():
-            one_process = training.evaluate(model, loaders, cards, accelerator)
+            one_process = evaluate(model, loaders, cards, accelerator)
     finally:
         reset_accelerate()
     two_processes = json.loads((output / "eval_results.json").read_text())

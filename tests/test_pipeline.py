@@ -6,10 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mtnlp.errors import UserError
-from mtnlp.modeling import MultiTaskModel
-from mtnlp.pipeline import MultiTaskPipeline, entity_scheme, group_entities
-from mtnlp.tiny import tiny_bert
+from mtnlp.inference.pipeline import MultiTaskPipeline, entity_scheme, group_entities
+from mtnlp.modeling.model import MultiTaskModel
+from mtnlp.modeling.tiny import tiny_bert
+from mtnlp.utils.errors import UserError
 
 from conftest import TINY_TASKS, task_spec
 
@@ -200,8 +200,46 @@ def test_device_and_dtype(model, tiny_tokenizer):
     expected = MultiTaskPipeline(model, tiny_tokenizer)(TEXTS, tasks=["cls"])
     pipeline = MultiTaskPipeline(model, tiny_tokenizer, device="cpu", dtype="bf16")
     assert pipeline.device == torch.device("cpu")
-    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in pipeline.model.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in model.parameters()} == {torch.float32}  # a copy was converted
     results = pipeline(TEXTS, tasks=["cls", "tag"])
     for result, reference in zip(results, expected, strict=True):
         assert result["cls"]["score"] == pytest.approx(reference["cls"]["score"], abs=0.03)
         assert isinstance(result["tag"]["scores"][0], float)
+
+
+def test_the_callers_model_keeps_its_mode(model, tiny_tokenizer):
+    """Predictions run in eval mode (no dropout), and the model given is left as it was."""
+    model.train()
+    pipeline = MultiTaskPipeline(model, tiny_tokenizer)
+    first, second = pipeline(TEXTS, tasks=["cls"]), pipeline(TEXTS, tasks=["cls"])
+    assert first == second  # deterministic: dropout was off
+    assert all(module.training for module in model.modules())
+    model.eval()
+    assert pipeline(TEXTS, tasks=["cls"]) == first
+    assert not any(module.training for module in model.modules())
+
+
+def test_transformers_pipeline_builds_it(model, tiny_tokenizer, tmp_path):
+    """`transformers.pipeline("mtnlp-multi-task", model=folder)` (registered by importing
+    `mtnlp.inference`) predicts as `MultiTaskPipeline` does."""
+    import transformers
+
+    from mtnlp.inference.transformers_pipeline import TASK
+
+    model.save_pretrained(tmp_path)
+    tiny_tokenizer.save_pretrained(tmp_path)
+    predict = transformers.pipeline(TASK, model=str(tmp_path), device="cpu", batch_size=2)
+    assert isinstance(predict.multitask, MultiTaskPipeline) and predict.multitask.batch_size == 2
+    inputs = [*TEXTS, ("the cat sat", "a cat is sitting")]
+    expected = MultiTaskPipeline(model, tiny_tokenizer)(inputs)
+    for result, reference in zip(predict(inputs), expected, strict=True):
+        assert_same(result, reference)
+    assert_same(predict(TEXTS[0], tasks=["cls"]), {"cls": expected[0]["cls"]})
+    only_cls = transformers.pipeline(TASK, model=str(tmp_path), device="cpu", tasks=["cls"])
+    assert [list(result) for result in only_cls(TEXTS[:2])] == [["cls"], ["cls"]]
+    single = predict.run_single(("a", "b"), {}, {"tasks": None}, {})  # transformers' own steps
+    assert_same(single, MultiTaskPipeline(model, tiny_tokenizer)(("a", "b")))
+    for task in ("text-classification", "token-classification"):
+        with pytest.raises(UserError, match=f'use transformers.pipeline\\("{TASK}", model=...\\)'):
+            transformers.pipeline(task, model=str(tmp_path))

@@ -7,8 +7,7 @@ import json
 
 import pytest
 
-from mtnlp.metrics import main_metrics
-from mtnlp.report import (
+from mtnlp.artifacts.report import (
     DEV_PLOT,
     LOSS_PLOT,
     REPORT,
@@ -19,6 +18,7 @@ from mtnlp.report import (
     plot_shares,
     write_report,
 )
+from mtnlp.metrics import main_metrics
 
 from conftest import task_spec
 

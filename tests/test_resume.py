@@ -19,11 +19,14 @@ from tiny_runs import reset_accelerate, write_tiny_tasks
 from torch.utils.data import DataLoader
 from transformers import AutoTokenizer
 
-import mtnlp.tiny
+import mtnlp.modeling.tiny
 from mtnlp import training
-from mtnlp.args import parse_args
-from mtnlp.cards import load_cards
-from mtnlp.checkpointing import (
+from mtnlp.cards.load import load_cards
+from mtnlp.data.read import training_text
+from mtnlp.modeling.model import MultiTaskModel
+from mtnlp.modeling.tiny import tiny_bert, train_wordpiece
+from mtnlp.training.args import parse_args
+from mtnlp.training.checkpointing import (
     CHECKPOINT_META,
     MODEL_FILE,
     check_finite,
@@ -32,10 +35,8 @@ from mtnlp.checkpointing import (
     resolve_checkpoint,
     save_checkpoint,
 )
-from mtnlp.errors import UserError
-from mtnlp.modeling import MultiTaskModel
-from mtnlp.tiny import tiny_bert, train_wordpiece
-from mtnlp.training import TaskStreams
+from mtnlp.training.mixing import TaskStreams
+from mtnlp.utils.errors import UserError
 
 from conftest import REPO
 
@@ -53,7 +54,7 @@ def tiny_tasks(tmp_path_factory) -> tuple[Path, Path, Path]:
     root = tmp_path_factory.mktemp("tasks")
     # 16 examples = 4 batches per task: 24 micro-batches cross every task's epoch boundary
     cards, data = write_tiny_tasks(root, train_size=16)
-    tokenizer = train_wordpiece(training._training_text(load_cards([cards]), [data]))
+    tokenizer = train_wordpiece(training_text(load_cards([cards]), [data]))
     tokenizer.save_pretrained(root / "encoder")
     tiny_bert(tokenizer).save_pretrained(root / "encoder")
     return cards, data, root / "encoder"
@@ -123,7 +124,7 @@ def test_killed_run_resumes_exactly(tiny_tasks, tmp_path):
     reference_summary = json.loads((tmp_path / "reference/out/train_summary.json").read_text())
     assert summary["task_steps"] == reference_summary["task_steps"]
     assert summary["train_examples"] == reference_summary["train_examples"]
-    assert summary["resumed_from"] == str(output / "checkpoint-3")
+    assert summary["resumed_from"] == "checkpoint-3"  # no local paths in what is pushed
 
 
 # ------------------------------------------------------------------------------ in-process
@@ -240,12 +241,12 @@ def test_resumed_tiny_run_keeps_its_vocabulary(tiny_tasks, tmp_path, monkeypatch
     def learn_vocabulary(texts):
         raise AssertionError("a resumed run learned a new vocabulary")
 
-    monkeypatch.setattr(mtnlp.tiny, "train_wordpiece", learn_vocabulary)
+    monkeypatch.setattr(mtnlp.modeling.tiny, "train_wordpiece", learn_vocabulary)
     resume = ["--max-steps", "3", "--resume-from-checkpoint", str(output / "checkpoint-1")]
     training.run(parse_args([*flags, *resume]), [])
     assert AutoTokenizer.from_pretrained(output).get_vocab() == vocab
     summary = json.loads((output / "train_summary.json").read_text())
-    assert summary["resumed_from"] == str(output / "checkpoint-1") and summary["steps"] == 3
+    assert summary["resumed_from"] == "checkpoint-1" and summary["steps"] == 3
     assert sum(summary["task_steps"].values()) == 3
     assert [p.name for p in list_checkpoints(output)] == [f"checkpoint-{i}" for i in (1, 2, 3)]
 
@@ -281,7 +282,7 @@ def test_nonfinite_loss_skips_update_then_stops(
         "(--max-bad-steps 2); training stopped. Lower --learning-rate, check the data, or resume "
         "from an earlier checkpoint"
     )
-    warnings = [r.getMessage() for r in caplog.records if r.name == "mtnlp.training"]
+    warnings = [r.getMessage() for r in caplog.records if r.name == "mtnlp.training.step"]
     assert warnings == [
         f"step 3: the loss of task {calls[2]} is NaN/inf; this update is skipped (1 in a row, "
         "stopping at --max-bad-steps 2)",

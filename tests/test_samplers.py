@@ -5,8 +5,8 @@ from itertools import islice
 import numpy as np
 import pytest
 
-from mtnlp.errors import UserError
-from mtnlp.samplers import SAMPLERS, build_sampler
+from mtnlp.training.samplers import SAMPLERS, build_sampler
+from mtnlp.utils.errors import UserError
 
 SIZES = {"a": 100, "b": 30, "c": 10}
 OPTIONS = {"sampling_weights": {"a": 1.0, "b": 2.0, "c": 5.0}, "temperature": 2.0}

@@ -2,32 +2,36 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
 import torch
 from transformers import BertConfig, BertModel, DistilBertConfig, DistilBertModel
 
-from mtnlp.affinity import AFFINITY_PLOT, mean_affinity, measure_affinity, write_heatmap
-from mtnlp.errors import UserError
-from mtnlp.heads import IGNORE_INDEX
-from mtnlp.modeling import MultiTaskModel
-from mtnlp.regularizers import (
+from mtnlp.artifacts.affinity import AFFINITY_PLOT, mean_affinity, write_heatmap
+from mtnlp.modeling.heads import IGNORE_INDEX
+from mtnlp.modeling.model import MultiTaskModel
+from mtnlp.modeling.sharing import (
+    SHARING,
+    SharingConfig,
+    SharingMismatch,
+    l2_distance_penalty,
+    orthogonality_penalty,
+    resolve_sharing,
+    trace_norm_penalty,
+)
+from mtnlp.modeling.sharing.columns import SluiceSharingConfig, carry_mixing
+from mtnlp.training.affinity import measure_affinity
+from mtnlp.training.args import sharing_mismatch_error
+from mtnlp.training.regularizers import (
     RunRegularizers,
     block_sparse_penalty,
     head_feature_weights,
     mixed_norm,
     reverse_gradient,
 )
-from mtnlp.sharing import (
-    SHARING,
-    carry_mixing,
-    l2_distance_penalty,
-    orthogonality_penalty,
-    resolve_sharing,
-    trace_norm_penalty,
-)
-from mtnlp.training import initial_model
+from mtnlp.utils.errors import UserError
 
 from conftest import TINY_TASKS
 
@@ -166,6 +170,28 @@ def test_options_are_stored_in_full_and_checked():
         build("sluice", subspaces=5)
 
 
+def test_each_strategy_registers_a_typed_config_class():
+    for name in STRATEGIES:
+        config_class = SHARING.get(name).config_class
+        assert issubclass(config_class, SharingConfig)
+        assert dataclasses.is_dataclass(config_class)
+    assert SHARING.get("hard").config_class.option_names() == ()
+    assert SHARING.get("soft").config_class.shape_options() == ("layers",)
+    assert SluiceSharingConfig.shape_options() == ("layers", "subspaces")
+    # the options in field order, as config.json stores them (keys and values unchanged)
+    assert resolve_sharing({"lr_scale": 1, "name": "sluice"}) == {
+        "name": "sluice", "layers": 2, "subspaces": 2, "orthogonality_weight": 1e-4,
+        "init": 0.9, "lr_scale": 1,
+    }  # fmt: skip
+    assert list(resolve_sharing({"name": "cross_stitch"})) == ["name", "layers", "init", "lr_scale"]
+    assert resolve_sharing(None) is None and resolve_sharing({"name": "hard"}) is None
+    with pytest.raises(UserError, match=r"^sharing: layers: not an option of hard \(none\)$"):
+        resolve_sharing({"name": "hard", "layers": 2})
+    model = build("sluice", subspaces=4)
+    assert model.sharing.config == SluiceSharingConfig(subspaces=4)
+    assert model.sharing.options == {k: v for k, v in model.config.sharing.items() if k != "name"}
+
+
 def test_a_not_bert_like_encoder_is_a_user_error():
     config = DistilBertConfig(vocab_size=VOCAB, dim=32, n_layers=2, n_heads=2, hidden_dim=64)
     with pytest.raises(UserError, match="--sharing soft: needs a BERT-like encoder"):
@@ -255,13 +281,17 @@ def test_run_penalties_are_in_the_forward_output_and_averaged(inputs):
         model.sharing.column["cls"][0].output.dense.bias[:2] += torch.tensor([3.0, 4.0])
     stacked = torch.cat([model.heads[t].out.weight for t in TASKS]).T  # (features, 6)
     expected = 0.5 * 2 * 25 + 0.1 * stacked.abs().amax(dim=1).sum().item()
-    output = model(task="reg", **inputs)  # the penalty reaches other tasks' columns and heads
-    assert output["regularization"].item() == pytest.approx(expected, rel=1e-4)
-    model(task="tag", **inputs)
-    assert extra.loss(["reg", "tag"]).item() == pytest.approx(expected, rel=1e-4)  # the mean
-    assert extra.loss(["reg"]) == 0.0  # taken
-    model.eval()
-    assert "regularization" not in model(task="reg", **inputs)  # only while training
+    with extra.hooked(model):
+        output = model(task="reg", **inputs)  # the penalty reaches other tasks' columns and heads
+        assert output["regularization"].item() == pytest.approx(expected, rel=1e-4)
+        model(task="tag", **inputs)
+        assert extra.loss(["reg", "tag"]).item() == pytest.approx(expected, rel=1e-4)  # the mean
+        assert extra.loss(["reg"]) == 0.0  # taken
+        model.eval()
+        assert "regularization" not in model(task="reg", **inputs)  # only while training
+    model.train()  # outside hooked(): the hooks are removed
+    assert "regularization" not in model(task="reg", **inputs)
+    assert not model._forward_hooks and not model.encoder._forward_hooks
 
 
 # ------------------------------------------------------------------------------ adversarial
@@ -277,19 +307,22 @@ def test_gradient_reversal_flips_and_scales():
 def test_adversarial_discriminator_trains_on_the_shared_representation(inputs):
     model = build("soft", weight=0.0).train()  # no soft penalty: only the discriminator
     extra = RunRegularizers(model, adversarial=0.5)
-    assert extra.loss([]) == 0.0  # nothing captured yet
-    model(task="reg", **inputs)
-    model(task="tag", **inputs)
-    loss = extra.loss(["reg", "tag"])  # the discriminator's loss on both passes
-    assert loss.item() == pytest.approx(2 * torch.log(torch.tensor(3.0)).item(), rel=0.2)
-    loss.backward()
-    assert extra.discriminator.out.weight.grad.abs().sum() > 0
-    assert model.encoder.embeddings.word_embeddings.weight.grad.abs().sum() > 0
-    assert all(p.grad is None for p in model.sharing.parameters())  # columns are task-private
-    model.eval()
-    model(task="cls", **inputs)
-    with pytest.raises(ValueError, match="shorter"):  # evaluation passes are not captured
-        extra.loss(["cls"])
+    with extra.hooked(model):
+        assert extra.loss([]) == 0.0  # nothing captured yet
+        model(task="reg", **inputs)
+        model(task="tag", **inputs)
+        loss = extra.loss(["reg", "tag"])  # the discriminator's loss on both passes
+        assert loss.item() == pytest.approx(2 * torch.log(torch.tensor(3.0)).item(), rel=0.2)
+        loss.backward()
+        assert extra.discriminator.out.weight.grad.abs().sum() > 0
+        assert model.encoder.embeddings.word_embeddings.weight.grad.abs().sum() > 0
+        assert all(p.grad is None for p in model.sharing.parameters())  # columns: task-private
+        model.eval()
+        model(task="cls", **inputs)
+        with pytest.raises(ValueError, match="shorter"):  # evaluation passes are not captured
+            extra.loss(["cls"])
+    shared = model.sharing.shared_output
+    assert not model._forward_hooks and not shared._forward_hooks_with_kwargs  # handles removed
 
 
 # ------------------------------------------------------------------------------ affinity
@@ -338,7 +371,7 @@ def test_a_one_task_model_of_a_trained_mixing_model_computes_the_same(strategy, 
     with torch.no_grad():  # trained mixing units: rows no longer sum to 1
         for parameter in trained.sharing.mixing_parameters():
             parameter.copy_(torch.rand_like(parameter))
-    alone = initial_model(trained, [TINY_TASKS[2]], trained.config.sharing).eval()
+    alone = MultiTaskModel.from_multitask(trained, [TINY_TASKS[2]], trained.config.sharing).eval()
     assert alone.config.task_names == ["tag"]
     with torch.no_grad():  # one column layer: every column's states agree, so no loss at all
         expected = trained(task="tag", **inputs).logits
@@ -353,26 +386,39 @@ def test_a_trained_column_model_keeps_its_columns_only_with_the_same_sharing(str
     with torch.no_grad():
         for parameter in trained.sharing.parameters():
             parameter.add_(torch.rand_like(parameter))
-    alone = initial_model(trained, [TINY_TASKS[1]], trained.config.sharing)
+    alone = MultiTaskModel.from_multitask(trained, [TINY_TASKS[1]], trained.config.sharing)
     expected = trained.sharing.column["reg"].state_dict()
     assert all(
         torch.equal(v, expected[k]) for k, v in alone.sharing.column["reg"].state_dict().items()
     )
-    shape = " --sluice-subspaces 2" if strategy == "sluice" else ""
-    with pytest.raises(UserError) as error:
-        initial_model(trained, [TINY_TASKS[1]], {"name": strategy, "layers": 1})
+    with pytest.raises(SharingMismatch) as error:  # a UserError, in option words
+        MultiTaskModel.from_multitask(trained, [TINY_TASKS[1]], {"name": strategy, "layers": 1})
+    assert error.value.trained == resolve_sharing(trained.config.sharing)
+    assert error.value.requested == resolve_sharing({"name": strategy, "layers": 1})
+    shape = ", subspaces=2" if strategy == "sluice" else ""
     assert str(error.value) == (
-        f"--sharing: --model was trained with --sharing {strategy} --sharing-layers 2{shape}, "
-        f"this run asks for --sharing {strategy} --sharing-layers 1{shape}; give the same flags "
+        f"sharing: the trained model has {strategy} sharing (layers=2{shape}), this model asks "
+        f"for {strategy} sharing (layers=1{shape}); its task columns fit only the same strategy "
+        "and shape options"
+    )
+    assert "--" not in str(error.value)  # the model layer speaks no CLI
+    flags = " --sluice-subspaces 2" if strategy == "sluice" else ""
+    assert str(sharing_mismatch_error(error.value)) == (  # the training layer's words
+        f"--sharing: --model was trained with --sharing {strategy} --sharing-layers 2{flags}, "
+        f"this run asks for --sharing {strategy} --sharing-layers 1{flags}; give the same flags "
         "to keep its task columns"
     )
-    with pytest.raises(UserError, match="this run asks for --sharing hard; give the same"):
-        initial_model(trained, [TINY_TASKS[1]], None)
+    with pytest.raises(SharingMismatch, match="this model asks for hard sharing; its") as error:
+        MultiTaskModel.from_multitask(trained, [TINY_TASKS[1]], None)
+    assert error.value.requested == {"name": "hard"}
+    assert str(sharing_mismatch_error(error.value)).endswith(
+        "this run asks for --sharing hard; give the same flags to keep its task columns"
+    )
 
 
 def test_a_column_model_starts_from_a_trained_hard_model():
     trained = build("hard")
-    model = initial_model(trained, TINY_TASKS[:2], {"name": "cross_stitch"})
+    model = MultiTaskModel.from_multitask(trained, TINY_TASKS[:2], {"name": "cross_stitch"})
     top = trained.encoder.encoder.layer[1:].state_dict()
     column = model.sharing.column["cls"].state_dict()
     assert all(torch.equal(column[name], top[name]) for name in top)
@@ -383,9 +429,9 @@ def test_a_column_model_starts_from_a_trained_hard_model():
 def test_training_run_with_every_option(tmp_path):
     from tiny_runs import reset_accelerate, write_tiny_tasks
 
-    from mtnlp.args import parse_args
-    from mtnlp.cards import load_cards
-    from mtnlp.training import train
+    from mtnlp.cards.load import load_cards
+    from mtnlp.training.args import parse_args
+    from mtnlp.training.loop import train
 
     reset_accelerate()
     cards, data = write_tiny_tasks(tmp_path / "tasks")

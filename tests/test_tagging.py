@@ -13,12 +13,15 @@ import pytest
 import torch
 from transformers import AutoTokenizer, BertTokenizer
 
-from mtnlp.cards import load_cards, parse_card
-from mtnlp.data import load_raw, predict_tags, tokenize_task, word_predictions
-from mtnlp.heads import IGNORE_INDEX as X
+from mtnlp.cards.load import load_cards, parse_card
+from mtnlp.data.read import load_raw
+from mtnlp.data.tokenize import tokenize_task
+from mtnlp.data.words import word_predictions
+from mtnlp.inference.pipeline import MultiTaskPipeline
 from mtnlp.metrics import compute_metrics
-from mtnlp.modeling import MultiTaskModel
-from mtnlp.tiny import tiny_bert
+from mtnlp.modeling.heads import IGNORE_INDEX as X
+from mtnlp.modeling.model import MultiTaskModel
+from mtnlp.modeling.tiny import tiny_bert
 
 from conftest import REPO, task_spec
 
@@ -88,23 +91,41 @@ def test_word_predictions_read_first_piece_and_mark_cut_words():
     assert word_predictions(word_ids, [7, 1, 2, 3, 4, 7], num_words=4) == [1, 2, 4, None]
 
 
-def test_predict_tags_for_raw_sentences(tiny_tokenizer):
+def tagging_tasks(model: MultiTaskModel) -> list[str]:
+    return [task["name"] for task in model.config.tasks if task["type"] == "tagging"]
+
+
+def test_the_pipeline_tags_raw_sentences(tiny_tokenizer):
     torch.manual_seed(0)
     specs = [
         task_spec("tag", "tagging", ["O", "B-X", "I-X"], layer=1),
         task_spec("cls", "classification", ["neg", "pos"]),
     ]
     model = MultiTaskModel.from_encoder(tiny_bert(tiny_tokenizer), specs).eval()
-    sentences = ["the cat sat on the mat", ["unbelievably", "good", "film"]]
-    results = predict_tags(model, tiny_tokenizer, sentences)
+    sentences = ["the cat sat on the mat", "unbelievably  good\tfilm"]
+    results = MultiTaskPipeline(model, tiny_tokenizer)(sentences, tasks=tagging_tasks(model))
     assert [sorted(result) for result in results] == [["tag"], ["tag"]]  # tagging tasks only
-    assert [len(result["tag"]) for result in results] == [6, 3]
-    assert all(t in {"O", "B-X", "I-X"} for result in results for t in result["tag"])
+    assert results[1]["tag"]["words"] == ["unbelievably", "good", "film"]  # split on whitespace
+    assert [len(result["tag"]["tags"]) for result in results] == [6, 3]
+    assert all(t in {"O", "B-X", "I-X"} for result in results for t in result["tag"]["tags"])
     # the same tags as the logits read at each word's first sub-token
-    encoded = tiny_tokenizer(sentences[1], is_split_into_words=True, return_tensors="pt")
-    ids = model(task="tag", **encoded).logits.argmax(-1)[0].tolist()
+    encoded = tiny_tokenizer(sentences[1].split(), is_split_into_words=True, return_tensors="pt")
+    with torch.no_grad():
+        ids = model(task="tag", **encoded).logits.argmax(-1)[0].tolist()
     expected = word_predictions(encoded.word_ids(0), ids, 3)
-    assert results[1]["tag"] == [["O", "B-X", "I-X"][i] for i in expected]
+    assert results[1]["tag"]["tags"] == [["O", "B-X", "I-X"][i] for i in expected]
+
+
+def test_the_pipeline_tags_up_to_the_cards_max_length(tiny_tokenizer):
+    """Words beyond the task's `max_length` (its card's, as in training) get no tag, even though
+    the tokenizer reads 512 tokens (`data.predict_tags` cut at the tokenizer's maximum)."""
+    torch.manual_seed(0)
+    spec = task_spec("tag", "tagging", ["O", "B-X", "I-X"], max_length=5)
+    model = MultiTaskModel.from_encoder(tiny_bert(tiny_tokenizer), [spec]).eval()
+    assert tiny_tokenizer.model_max_length > 5
+    result = MultiTaskPipeline(model, tiny_tokenizer)("the cat sat on the mat")["tag"]
+    assert result["tags"][:3] != [None] * 3
+    assert result["tags"][3:] == [None] * 3  # [CLS] + 3 words + [SEP]
 
 
 # ------------------------------------------------------------------------------ metrics
@@ -185,7 +206,7 @@ def recipe_args(data_dir, output, model, *extra) -> list[str]:
 def tiny_encoder(data_dir, tmp_path_factory):
     """A saved tiny BERT whose vocabulary is learned from a slice of the CoNLL and RTE text: the
     runs below load it like a pretrained encoder instead of training a vocabulary each time."""
-    from mtnlp.tiny import train_wordpiece
+    from mtnlp.modeling.tiny import train_wordpiece
 
     folder = tmp_path_factory.mktemp("tiny_encoder")
     conll = load_cards([REPO / "tasks" / "conll2003"], ["ner"])[0]
@@ -218,10 +239,12 @@ def test_jmt_run_reloads_and_tags_raw_sentences(data_dir, tiny_encoder, tmp_path
     summary = json.loads((output / "train_summary.json").read_text())
     assert sum(summary["task_steps"].values()) == 6
     tokenizer = AutoTokenizer.from_pretrained(output)
-    (tags,) = predict_tags(model, tokenizer, ["Peter Blackburn visited Brussels ."])
-    assert list(tags) == CONLL_TASKS and all(len(tags[t]) == 5 for t in CONLL_TASKS)
+    pipeline = MultiTaskPipeline(model, tokenizer)
+    tags = pipeline("Peter Blackburn visited Brussels .", tasks=tagging_tasks(model))
+    assert list(tags) == CONLL_TASKS and all(len(tags[t]["tags"]) == 5 for t in CONLL_TASKS)
     for task in CONLL_TASKS:
-        assert set(tags[task]) <= set(model.config.task(task)["labels"])
+        assert set(tags[task]["tags"]) <= set(model.config.task(task)["labels"])
+    assert "entities" in tags["ner"] and "entities" not in tags["pos"]
 
 
 @pytest.mark.parametrize(("layout", "layers"), [("flat", [-1, -1, -1]), ("low", [1, 1, -1])])
@@ -232,8 +255,8 @@ def test_flat_and_low_runs(layout, layers, data_dir, tiny_encoder, tmp_path):
 
 
 def test_glue_and_tagging_tasks_in_one_model(data_dir, tiny_encoder, tmp_path):
-    from mtnlp.args import parse_args
-    from mtnlp.training import train
+    from mtnlp.training.args import parse_args
+    from mtnlp.training.loop import train
 
     cards = load_cards([REPO / "tasks" / "glue" / "rte.yaml", REPO / "tasks" / "conll2003"])
     cards = [card for card in cards if card.name in ("rte", "ner")]

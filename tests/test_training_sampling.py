@@ -15,15 +15,16 @@ import pytest
 import torch
 from accelerate.tracking import GeneralTracker, get_available_trackers, register_tracker_class
 
-from mtnlp.args import TrainArguments, parse_args
-from mtnlp.errors import UserError
-from mtnlp.finetune import FINETUNED, MULTI_TASK, markdown_table
-from mtnlp.modeling import MultiTaskModel
-from mtnlp.samplers import SAMPLERS
-from mtnlp.selection import BestCheckpoint, dev_score
-from mtnlp.task_mixing import build_task_sampler, epoch_length, trackers
-from mtnlp.training import initial_model, train
-from mtnlp.weighting import WEIGHTINGS
+from mtnlp.modeling.model import MultiTaskModel
+from mtnlp.training.args import parse_args
+from mtnlp.training.callbacks import trackers
+from mtnlp.training.loop import train
+from mtnlp.training.mixing import build_task_sampler, epoch_length
+from mtnlp.training.samplers import SAMPLERS
+from mtnlp.training.selection import BestCheckpoint, dev_score
+from mtnlp.training.stages import FINETUNED, MULTI_TASK, markdown_table
+from mtnlp.training.weighting import WEIGHTINGS
+from mtnlp.utils.errors import UserError
 
 from conftest import REPO, TINY_TASKS
 
@@ -70,7 +71,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 @pytest.fixture(autouse=True)
 def no_report_plots(monkeypatch):
     """The training report's plots (tested elsewhere) take seconds per run; not needed here."""
-    monkeypatch.setattr("mtnlp.training.write_report", lambda *args, **kwargs: None, raising=False)
+    monkeypatch.setattr(
+        "mtnlp.artifacts.run_folder.write_report", lambda *args, **kwargs: None, raising=False
+    )
 
 
 def run_args(synthetic: Path, output: Path, *flags: str) -> list[str]:
@@ -83,7 +86,7 @@ def run_args(synthetic: Path, output: Path, *flags: str) -> list[str]:
 
 def tiny_run(synthetic: Path, output: Path, *flags: str) -> tuple[dict, list[dict]]:
     """Train in-process; return the run's summary and its train_log.jsonl records."""
-    from mtnlp.cards import load_cards
+    from mtnlp.cards.load import load_cards
 
     args = parse_args(run_args(synthetic, output, *flags))
     train(args, load_cards(args.cards))
@@ -117,10 +120,17 @@ def test_epoch_length_per_batch_mode():
 
 
 def test_examples_cap_is_converted_to_batches_of_all_processes():
-    args = TrainArguments(sampler="proportional", examples_cap=40, batch_size=8)
-    cards = [type("Card", (), {"name": name, "sampling_weight": 1.0}) for name in ("a", "b")]
     # 40 examples = ceil(40 / (8 per batch * 2 processes)) = 3 batches per process
-    sampler = build_task_sampler(args, {"a": 2, "b": 100}, cards, 1, num_processes=2)
+    sampler = build_task_sampler(
+        "proportional",
+        {"a": 2, "b": 100},
+        seed=42,
+        sampling_weights={"a": 1.0, "b": 1.0},
+        num_epochs=1,
+        temperature=2.0,
+        examples_cap=40,
+        examples_per_batch=8 * 2,
+    )
     assert sampler.capped_sizes.tolist() == [2.0, 3.0]
     assert sampler.probabilities() == pytest.approx({"a": 0.4, "b": 0.6})
 
@@ -281,13 +291,13 @@ def test_markdown_table_gain():
 
 def test_initial_model_from_a_multi_task_model(tiny_model):
     reg, extra = TINY_TASKS[1], {**TINY_TASKS[0], "name": "new"}
-    model = initial_model(tiny_model, [reg, extra])
+    model = MultiTaskModel.from_multitask(tiny_model, [reg, extra])
     assert model.config.task_names == ["reg", "new"]
     assert torch.equal(model.heads["reg"].out.weight, tiny_model.heads["reg"].out.weight)
     embeddings = model.encoder.embeddings.word_embeddings.weight
     assert torch.equal(embeddings, tiny_model.encoder.embeddings.word_embeddings.weight)
     with pytest.raises(UserError, match="task cls was trained with another type or labels"):
-        initial_model(tiny_model, [{**TINY_TASKS[0], "labels": ["a", "b", "c"]}])
+        MultiTaskModel.from_multitask(tiny_model, [{**TINY_TASKS[0], "labels": ["a", "b", "c"]}])
 
 
 def test_best_checkpoint_restores_the_best_weights():

@@ -4,13 +4,13 @@ import pytest
 import torch
 from torch import nn
 
-from mtnlp.errors import UserError
-from mtnlp.weighting import (
+from mtnlp.training.weighting import (
     WEIGHTINGS,
     build_weighting,
     check_batch_mode,
     project_conflicting,
 )
+from mtnlp.utils.errors import UserError
 
 TASKS = ["a", "b", "c"]
 

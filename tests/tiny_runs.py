@@ -133,10 +133,10 @@ def save_tiny_model(folder: Path, cards: Path, tasks: list[str] | None = None) -
     its tokenizer and cards, into `folder`, as training saves a run; return `folder`."""
     import torch
 
-    from mtnlp.cards import load_cards
-    from mtnlp.modeling import MultiTaskModel
-    from mtnlp.tiny import tiny_bert, train_wordpiece
-    from mtnlp.training import save_run
+    from mtnlp.artifacts.run_folder import save_run
+    from mtnlp.cards.load import load_cards
+    from mtnlp.modeling.model import MultiTaskModel
+    from mtnlp.modeling.tiny import tiny_bert, train_wordpiece
 
     chosen = load_cards([cards], tasks)
     tokenizer = train_wordpiece([" ".join(WORDS), " ".join(NAMES)], vocab_size=100)
@@ -167,10 +167,10 @@ def _kill_during_save(step: str) -> None:
 
 def _report_ranks(report: Path, output: str) -> None:
     """Record each rank's final weights digest and, off rank 0, its writes under `output`."""
-    from mtnlp import training
+    from mtnlp.training import callbacks
 
     rank, writes = int(os.environ.get("RANK", "0")), []
-    evaluate = training.evaluate
+    evaluate = callbacks.evaluate
 
     def recording_evaluate(model, loaders, cards, accelerator):
         digest = weights_digest(accelerator.unwrap_model(model))
@@ -191,7 +191,7 @@ def _report_ranks(report: Path, output: str) -> None:
         if writing and os.path.realpath(path).startswith(output):
             writes.append(os.path.relpath(os.path.realpath(path), output))
 
-    training.evaluate = recording_evaluate
+    callbacks.evaluate = recording_evaluate
     if rank:
         sys.addaudithook(audit)
         atexit.register(lambda: (report / f"writes-{rank}.json").write_text(json.dumps(writes)))

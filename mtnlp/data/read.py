@@ -1,0 +1,252 @@
+"""Reading a card's data: local files (tsv, csv, json, conll, conllu) inside `--data-dir`,
+or a Hub dataset, through `datasets` builders; errors name the file, never its content.
+"""
+
+from __future__ import annotations
+
+import csv
+import re
+import warnings
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import datasets
+from datasets.exceptions import DatasetNotFoundError
+from pandas.errors import ParserWarning
+
+from mtnlp.cards.schema import LocalSource, TaskCard
+from mtnlp.utils.errors import UserError, first_line
+
+CONLLU_COLUMNS = ["id", "form", "lemma", "upos", "xpos", "feats", "head", "deprel", "deps", "misc"]
+
+
+def resolve_file(card: TaskCard, split: str, data_dirs: Sequence[Path]) -> Path:
+    """The local file of `split`: the first `--data-dir` that holds the card's relative path.
+    It must stay inside that folder once symbolic links are followed (cards refuse `..` and
+    absolute paths already)."""
+    relative = card.source.local.files[split]
+    for folder in data_dirs:
+        candidate = Path(folder) / relative
+        if candidate.is_file():
+            if not candidate.resolve().is_relative_to(Path(folder).resolve()):
+                raise UserError(
+                    f"{card.where}: source.local.files.{split}: {candidate} leads outside "
+                    f"--data-dir {folder} (through a symbolic link); refusing to read it"
+                )
+            return candidate
+    looked = ", ".join(str(folder) for folder in data_dirs)
+    raise UserError(f"{card.where}: {split} data file not found: {relative} (looked in {looked})")
+
+
+def _reader_kwargs(local: LocalSource, path: Path) -> tuple[str, dict[str, Any]]:
+    """datasets builder name and options for a local format."""
+    if local.format in ("tsv", "csv"):
+        sep = "\t" if local.format == "tsv" else ","
+        names = local.column_names
+        if local.header:
+            with open(path, encoding=local.encoding) as file:
+                names = next(csv.reader([file.readline().rstrip("\n")], delimiter=sep))
+        kwargs: dict[str, Any] = {
+            "sep": sep,
+            "keep_default_na": False,
+            # rows longer than the header are an error (see _read_local_file), never an index
+            "index_col": False,
+            "encoding": local.encoding,
+            # every column as text, so that type inference never differs between chunks
+            "features": datasets.Features({name: datasets.Value("string") for name in names}),
+        }
+        if local.format == "tsv":
+            kwargs["quoting"] = csv.QUOTE_NONE  # GLUE rows hold unbalanced quotes
+        if not local.header:
+            kwargs["header"] = None
+            kwargs["column_names"] = names
+        return "csv", kwargs
+    if local.format == "json":
+        return "json", {"encoding": local.encoding}
+    if local.format == "conllu":
+        return "conll", {
+            "column_names": CONLLU_COLUMNS,
+            "delimiter": "\t",
+            "comment_prefix": "#",
+            "encoding": local.encoding,
+        }
+    return "conll", {"column_names": local.column_names, "encoding": local.encoding}
+
+
+def clip(text: str, limit: int = 40) -> str:
+    """`text`, cut to `limit` characters with an ellipsis: error messages quote a value from a
+    data file only as far as it helps find it, never a whole (possibly private) row."""
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _no_content(error: BaseException) -> str:
+    """A parser's error message safe to show: its first line, quoted text (which may be the
+    file's content) replaced by '…', clipped; the line/row/position numbers it gives remain."""
+    first = str(error).strip().split("\n", 1)[0] or type(error).__name__
+    return clip(re.sub(r"'[^']*'|\"[^\"]*\"", "'…'", first), 120)
+
+
+def _undecodable_at(path: Path, encoding: str) -> tuple[int, int]:
+    """(line, byte offset) of the first bytes of `path` that are not `encoding` text, both from
+    the file's start: the readers decode in chunks and report offsets inside a chunk. Reads the
+    whole file, so only for the error message."""
+    data = path.read_bytes()
+    try:
+        data.decode(encoding)
+    except UnicodeDecodeError as error:
+        return data[: error.start].decode(encoding).count("\n") + 1, error.start
+    raise ValueError(f"{path} is valid {encoding} text")  # the reader failed on other bytes
+
+
+def root_cause(error: BaseException) -> BaseException:
+    while error.__cause__ is not None or error.__context__ is not None:
+        error = error.__cause__ or error.__context__
+    return error
+
+
+def _holds_no_rows(path: Path, local: LocalSource) -> bool:
+    """True when a file has no data rows: empty, blank, or a header (comments in CoNLL) only."""
+    with open(path, encoding=local.encoding, errors="replace") as file:
+        lines = [line for line in file if line.strip()]
+    if local.format in ("conll", "conllu"):
+        lines = [line for line in lines if not line.startswith(("#", "-DOCSTART-"))]
+    return len(lines) <= (1 if local.format in ("tsv", "csv") and local.header else 0)
+
+
+def _read_local_file(card: TaskCard, path: Path, split: str, labels: bool) -> datasets.Dataset:
+    local = card.source.local.for_split(split)
+    try:
+        builder, kwargs = _reader_kwargs(local, path)
+        with warnings.catch_warnings():
+            # pandas only warns when every row has more fields than the header names (it drops
+            # the extra ones): the columns would hold the wrong fields
+            warnings.simplefilter("error", ParserWarning)
+            dataset = datasets.load_dataset(
+                builder, data_files={"data": str(path)}, split="data", **kwargs
+            )
+    except Exception as error:  # datasets wraps parser errors in several types
+        cause = root_cause(error)
+        if isinstance(cause, ParserWarning):
+            names = "its header line" if local.header else "the card's column_names"
+            reason = f"every row has more fields than {names} names; check the separator"
+        elif isinstance(cause, UnicodeDecodeError):
+            line, byte = _undecodable_at(path, local.encoding)
+            reason = f"line {line}: not valid {local.encoding} text (byte {byte})"
+        elif _holds_no_rows(path, local):  # the builders fail on an empty file
+            reason = f"the {split} split of task {card.name} has no examples"
+        else:
+            reason = f"could not read as {local.format}: {_no_content(cause)}"
+        raise UserError(f"{path}: {reason}") from None
+    if local.format == "conllu":
+        dataset = dataset.map(_drop_multiword_and_empty_nodes, desc=f"{card.name}: CoNLL-U words")
+    renames = {
+        file: ours
+        for ours, file in local.columns.items()
+        # a test file has no label column to rename
+        if file != ours and (labels or ours != card.label_column or file in dataset.column_names)
+    }
+    missing = [file for file in renames if file not in dataset.column_names]
+    if missing:
+        raise UserError(
+            f"{path}: column {missing[0]!r} (for {card.where} source.local.columns) not found; "
+            f"columns: {_column_list(dataset)}"
+        )
+    return dataset.rename_columns(renames)
+
+
+def _drop_multiword_and_empty_nodes(sentence: dict[str, list[str]]) -> dict[str, list[str]]:
+    """CoNLL-U: keep word lines only (drop multi-word tokens `3-4` and empty nodes `8.1`)."""
+    keep = [i for i, word_id in enumerate(sentence["id"]) if word_id.isdigit()]
+    return {column: [values[i] for i in keep] for column, values in sentence.items()}
+
+
+def load_raw(
+    card: TaskCard,
+    splits: Sequence[str],
+    data_dirs: Sequence[Path] | None = None,
+    *,
+    labels: bool = True,
+) -> dict[str, datasets.Dataset]:
+    """The card's `splits`, untokenized, from local files when `data_dirs` is given (and the
+    card has a local source), else from the Hub; `labels=False` reads splits that may have no
+    label column (test sets)."""
+    raw: dict[str, datasets.Dataset] = {}
+    use_local = bool(data_dirs) and card.source.local is not None
+    if not use_local and card.source.hub is None:
+        raise UserError(f"{card.where}: source: no Hub dataset; pass --data-dir for local files")
+    for split in splits:
+        if use_local:
+            path = resolve_file(card, split, data_dirs)
+            dataset = _read_local_file(card, path, split, labels)
+            where = str(path)
+        else:
+            hub = card.source.hub
+            hub_split = hub.splits.get(split, split)
+            dataset = _load_hub(card, hub_split)
+            where = f"{hub.path}/{hub.name or ''}:{hub_split}"
+        _check_columns(card, dataset, where, labels)
+        if len(dataset) == 0:
+            raise UserError(f"{where}: the {split} split of task {card.name} has no examples")
+        raw[split] = dataset
+    return raw
+
+
+def _load_hub(card: TaskCard, split: str) -> datasets.Dataset:
+    """One split of the card's Hub dataset; one line when the Hub cannot be reached (offline, no
+    network) or has no such dataset, instead of datasets' traceback."""
+    hub = card.source.hub
+    named = f"{hub.path}, {hub.name}" if hub.name else hub.path
+    try:
+        return datasets.load_dataset(hub.path, hub.name, split=split)
+    except DatasetNotFoundError as error:
+        raise UserError(
+            f"{card.where}: source.hub: no dataset {named} on the Hugging Face Hub "
+            f"({first_line(error)})"
+        ) from None
+    except ConnectionError as error:  # datasets' words for offline mode and network failures
+        offline = datasets.config.HF_HUB_OFFLINE or "OfflineModeIsEnabled" in str(error)
+        reason = "offline" if offline else first_line(error)
+        instead = (
+            "pass --data-dir with local files"
+            if card.source.local is not None
+            else "give the card a source.local and pass --data-dir with local files"
+        )
+        raise UserError(
+            f"{card.where}: the data comes from the Hugging Face Hub ({named}), which cannot be "
+            f"reached ({reason}); {instead}"
+        ) from None
+
+
+def _check_columns(card: TaskCard, dataset: datasets.Dataset, where: str, labels: bool) -> None:
+    for column in [*card.inputs, card.label_column] if labels else card.inputs:
+        if column not in dataset.column_names:
+            raise UserError(
+                f"{where}: column {column!r} (named by {card.where}) not found; "
+                f"columns: {_column_list(dataset)}"
+            )
+
+
+def _column_list(dataset: datasets.Dataset, most: int = 10) -> str:
+    """The dataset's column names for an error message, each clipped, at most `most` of them
+    (a file without the header its card expects has a data row as its column names)."""
+    names = [clip(name) for name in dataset.column_names]
+    more = f", … ({len(names) - most} more)" if len(names) > most else ""
+    return ", ".join(names[:most]) + more
+
+
+def describe_source(card: TaskCard, split: str, data_dirs: Sequence[Path] | None) -> str:
+    if data_dirs and card.source.local is not None:
+        return str(resolve_file(card, split, data_dirs))
+    return f"{card.source.hub.path}:{split}"
+
+
+def training_text(cards: Sequence[TaskCard], data_dirs: Sequence[Path] | None) -> Iterator[str]:
+    for card in cards:
+        train = load_raw(card, [card.train_split], data_dirs)[card.train_split]
+        for column in card.inputs:
+            for value in train[column]:  # not text (a JSON null): tokenize_task says where
+                if isinstance(value, list):
+                    yield " ".join(word for word in value if isinstance(word, str))
+                elif isinstance(value, str):
+                    yield value

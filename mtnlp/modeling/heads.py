@@ -1,0 +1,141 @@
+"""Task heads: one registered head class per task type.
+
+A head turns the encoder's hidden states into task logits, computes its loss and decodes
+predictions (what the metrics compare). Heads see the task's metadata as a plain dict (the
+`model_spec()` of its card, stored in the model config), so a saved model rebuilds every head
+without the card files.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from mtnlp.utils.registry import Registry
+
+HEADS: Registry[type[TaskHead]] = Registry("task type")
+
+IGNORE_INDEX = -100  # label id that the losses skip (padding, non-first sub-tokens)
+
+
+class TaskHead(nn.Module):
+    """Base class: `forward(hidden, mask, labels) -> (logits, loss or None)`."""
+
+    needs_labels: ClassVar[bool] = True  # the card must list label names
+    token_level: ClassVar[bool] = False  # one prediction per token rather than per input
+
+    def __init__(self, task: dict[str, Any], hidden_size: int) -> None:
+        super().__init__()
+        self.task = task
+        self.dropout = nn.Dropout(task["head"]["dropout"])
+
+    def forward(
+        self, hidden: Tensor, attention_mask: Tensor, labels: Tensor | None = None
+    ) -> tuple[Tensor, Tensor | None]:
+        raise NotImplementedError
+
+    def decode(self, logits: Tensor) -> Tensor:
+        """Predictions from logits: class ids, values or tag ids."""
+        raise NotImplementedError
+
+
+class PooledHead(TaskHead):
+    """Sentence-level head: pool the tokens, optional tanh layer, then an output layer."""
+
+    num_outputs: int
+
+    def __init__(self, task: dict[str, Any], hidden_size: int) -> None:
+        super().__init__(task, hidden_size)
+        options = task["head"]
+        self.pooling = options["pooling"]
+        inner = options["hidden_size"]
+        self.dense = nn.Linear(hidden_size, inner) if inner else None
+        self.out = nn.Linear(inner or hidden_size, self.outputs(task))
+
+    @staticmethod
+    def outputs(task: dict[str, Any]) -> int:
+        raise NotImplementedError
+
+    def pool(self, hidden: Tensor, attention_mask: Tensor) -> Tensor:
+        # hidden: (batch, tokens, hidden) -> (batch, hidden)
+        if self.pooling == "cls":
+            return hidden[:, 0]
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)  # (batch, tokens, 1)
+        return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+
+    def project(self, hidden: Tensor, attention_mask: Tensor) -> Tensor:
+        x = self.dropout(self.pool(hidden, attention_mask))
+        if self.dense is not None:
+            x = self.dropout(torch.tanh(self.dense(x)))
+        return self.out(x)
+
+
+@HEADS.register("classification")
+class ClassificationHead(PooledHead):
+    """Single-label classification of a sentence or sentence pair (cross-entropy)."""
+
+    @staticmethod
+    def outputs(task: dict[str, Any]) -> int:
+        return len(task["labels"])
+
+    def forward(self, hidden, attention_mask, labels=None):
+        logits = self.project(hidden, attention_mask)  # (batch, num_labels)
+        loss = None
+        if labels is not None:
+            loss = nn.functional.cross_entropy(logits.float(), labels)
+        return logits, loss
+
+    def decode(self, logits: Tensor) -> Tensor:
+        return logits.argmax(-1)
+
+
+@HEADS.register("regression")
+class RegressionHead(PooledHead):
+    """A real-valued score for a sentence or pair, e.g. STS-B similarity (mean squared error)."""
+
+    needs_labels = False
+
+    @staticmethod
+    def outputs(task: dict[str, Any]) -> int:
+        return 1
+
+    def forward(self, hidden, attention_mask, labels=None):
+        logits = self.project(hidden, attention_mask).squeeze(-1)  # (batch,)
+        loss = None
+        if labels is not None:
+            loss = nn.functional.mse_loss(logits.float(), labels.float())
+        return logits, loss
+
+    def decode(self, logits: Tensor) -> Tensor:
+        return logits.float()
+
+
+@HEADS.register("tagging")
+class TaggingHead(TaskHead):
+    """One label per token (POS, chunking, NER); label id -100 marks tokens without a label."""
+
+    token_level = True
+
+    def __init__(self, task: dict[str, Any], hidden_size: int) -> None:
+        super().__init__(task, hidden_size)
+        self.out = nn.Linear(hidden_size, len(task["labels"]))
+
+    def forward(self, hidden, attention_mask, labels=None):
+        logits = self.out(self.dropout(hidden))  # (batch, tokens, num_labels)
+        loss = None
+        if labels is not None:
+            # (batch * tokens, num_labels) against (batch * tokens,); a batch whose tokens are all
+            # ignored gives a zero loss (not NaN), still connected to the graph.
+            total = nn.functional.cross_entropy(
+                logits.float().flatten(0, 1),
+                labels.flatten(),
+                ignore_index=IGNORE_INDEX,
+                reduction="sum",
+            )
+            loss = total / (labels != IGNORE_INDEX).sum().clamp(min=1)
+        return logits, loss
+
+    def decode(self, logits: Tensor) -> Tensor:
+        return logits.argmax(-1)

@@ -1,0 +1,135 @@
+"""How the loop mixes tasks: the epoch's length per batch mode, the task sampler, the
+distributed engines each mode supports, and an endless stream of batches per task.
+
+Two batch modes: `one_task` draws one task per micro-batch from the sampler (MT-DNN, Liu et al.
+2019); `all_tasks` takes a batch of every task per micro-batch (LibMTL, Lin & Zhang 2023), which
+gradient-based weightings such as PCGrad need. Every process makes the same choices.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from accelerate import Accelerator, skip_first_batches
+from accelerate.utils import DistributedType
+from torch.utils.data import DataLoader
+
+from mtnlp.training.samplers import TaskSampler, build_sampler
+from mtnlp.training.weighting import LossWeighting
+from mtnlp.utils.errors import UserError
+
+# distributed set-ups whose engine owns gradient sync and the optimizer's parameters
+ENGINE_TYPES = (DistributedType.DEEPSPEED, DistributedType.FSDP, DistributedType.MEGATRON_LM)
+
+
+def epoch_length(batch_mode: str, task_sizes: dict[str, int]) -> int:
+    """Micro-batches in one epoch: every task's batches once (`one_task`, MT-DNN), or as many as
+    the largest task has (`all_tasks`, LibMTL; smaller tasks cycle)."""
+    sizes = task_sizes.values()
+    return sum(sizes) if batch_mode == "one_task" else max(sizes)
+
+
+def build_task_sampler(
+    name: str,
+    task_sizes: dict[str, int],
+    *,
+    seed: int,
+    sampling_weights: dict[str, float | None],
+    num_epochs: int,
+    temperature: float,
+    examples_cap: int | None,
+    examples_per_batch: int,
+) -> TaskSampler:
+    """The sampler `name` over `task_sizes` (batches per process); an `examples_cap` of N examples
+    is N / `examples_per_batch` (batch size x processes) batches per process."""
+    return build_sampler(
+        name,
+        task_sizes,
+        seed=seed,
+        sampling_weights=sampling_weights,
+        num_epochs=num_epochs,
+        temperature=temperature,
+        examples_cap=math.ceil(examples_cap / examples_per_batch) if examples_cap else None,
+    )
+
+
+def check_distributed(
+    accelerator: Accelerator, all_tasks: bool, weighting: LossWeighting, weighting_name: str
+) -> None:
+    """The all_tasks mode and learned loss weights sync gradients themselves: DDP only."""
+    if accelerator.distributed_type not in ENGINE_TYPES:
+        return
+    engine = accelerator.distributed_type.value
+    if all_tasks:
+        raise UserError(f"--batch-mode all_tasks: not supported with {engine} (use DDP)")
+    if any(True for _ in weighting.parameters()):
+        raise UserError(f"--weighting {weighting_name}: learned weights need DDP, not {engine}")
+
+
+class TaskStreams:
+    """An endless stream of batches per task: a task's loader restarts (reshuffled) at its end.
+
+    The position (per task: epoch, batches taken from it, and its shuffling generator's state at
+    the epoch start) is a `state_dict`: a resumed run replays the epoch's order and skips the
+    batches already trained on (`skip_first_batches`, which loads none of them).
+    """
+
+    def __init__(self, loaders: dict[str, DataLoader], num_processes: int = 1) -> None:
+        self.loaders = loaders
+        self.num_processes = num_processes
+        self.epochs = dict.fromkeys(loaders, 0)
+        self.taken = dict.fromkeys(loaders, 0)
+        self.seen = dict.fromkeys(loaders, 0)  # examples (all processes) of the task's epoch
+        self.epoch_rng: dict[str, torch.Tensor | None] = {}
+        self.iterators = {task: self._start(task, loader) for task, loader in loaders.items()}
+
+    def _start(self, task: str, loader: DataLoader) -> Iterator:
+        generator = getattr(self.loaders[task], "generator", None)
+        self.epoch_rng[task] = None if generator is None else generator.get_state()
+        return iter(loader)
+
+    def next(self, task: str) -> dict[str, torch.Tensor]:
+        """The task's next batch (on this process); a new epoch of its loader at its end."""
+        try:
+            batch = next(self.iterators[task])
+        except StopIteration:
+            self.epochs[task] += 1
+            self.taken[task] = self.seen[task] = 0
+            loader = self.loaders[task]
+            if hasattr(loader, "set_epoch"):
+                loader.set_epoch(self.epochs[task])
+            self.iterators[task] = self._start(task, loader)
+            batch = next(self.iterators[task])
+        self.taken[task] += 1
+        return batch
+
+    def count(self, task: str, rows: int) -> int:
+        """How many distinct examples the task's latest batch, `rows` on each process, trained on
+        all processes together: the last batch of an epoch, padded by accelerate with duplicates
+        so that every process has one, counts only the examples that were left."""
+        examples = min(rows * self.num_processes, len(self.loaders[task].dataset) - self.seen[task])
+        self.seen[task] += examples
+        return examples
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "epochs": dict(self.epochs),
+            "taken": dict(self.taken),
+            "seen": dict(self.seen),
+            "epoch_rng": dict(self.epoch_rng),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for task, loader in self.loaders.items():
+            self.epochs[task], self.taken[task] = state["epochs"][task], state["taken"][task]
+            self.seen[task] = state.get("seen", {}).get(task, 0)  # absent in older checkpoints
+            self.epoch_rng[task] = state["epoch_rng"][task]
+            if self.epoch_rng[task] is not None:
+                loader.generator.set_state(self.epoch_rng[task])
+            if hasattr(loader, "set_epoch"):
+                loader.set_epoch(self.epochs[task])
+            skipped = skip_first_batches(loader, self.taken[task]) if self.taken[task] else loader
+            self.iterators[task] = iter(skipped)

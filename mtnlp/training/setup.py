@@ -1,0 +1,435 @@
+"""Setting up a run, in the order the loop needs it: the accelerator, the checks of the output
+folder and the checkpoint to resume, then `build_run`: tokenizer and encoder, data, model,
+loaders, schedule, sampler, weighting, regularizers, optimizer and learning-rate schedule,
+prepared by accelerate; and the built-in callbacks. This module and `stages` are the only ones
+that read `TrainArguments`: every component gets explicit values.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import (
+    DistributedDataParallelKwargs,
+    GradientAccumulationPlugin,
+    ProjectConfiguration,
+    broadcast_object_list,
+    set_seed,
+)
+from transformers import AutoModel, AutoTokenizer, PreTrainedTokenizerBase, get_scheduler
+
+from mtnlp.artifacts.run_folder import LOGS, clean_leftovers
+from mtnlp.cards.schema import TaskCard
+from mtnlp.data.loaders import make_dataloader
+from mtnlp.data.read import training_text
+from mtnlp.data.tokenize import TaskData, load_task
+from mtnlp.metrics import main_metrics
+from mtnlp.modeling.loading import check_weight_files
+from mtnlp.modeling.model import MultiTaskModel
+from mtnlp.modeling.sharing import SharingMismatch
+from mtnlp.training.affinity import probe_batches
+from mtnlp.training.args import TrainArguments, sharing_mismatch_error
+from mtnlp.training.callbacks import (
+    AffinityCallback,
+    Callback,
+    CheckpointCallback,
+    EvaluationCallback,
+    ProgressCallback,
+    default_log_every,
+    trackers,
+)
+from mtnlp.training.checkpointing import (
+    check_model,
+    check_output_dir,
+    check_tasks,
+    resolve_checkpoint,
+)
+from mtnlp.training.mixing import TaskStreams, build_task_sampler, check_distributed, epoch_length
+from mtnlp.training.regularizers import RunRegularizers, SuccessiveRegularizer
+from mtnlp.training.state import EpochLosses, Publishing, Run, RunState, Schedule, TrainState
+from mtnlp.training.weighting import build_weighting
+from mtnlp.utils.errors import UserError, first_line
+
+FUSED_ADAMW_DEVICES = ("cpu", "cuda")
+
+
+def tiny_tokenizer(
+    cards: Sequence[TaskCard],
+    data_dirs: Sequence[Path] | None,
+    accelerator: Accelerator,
+    resume: Path | None = None,
+) -> PreTrainedTokenizerBase:
+    """`--model tiny`'s tokenizer: a WordPiece vocabulary learned from the task text by the main
+    process and sent to the others, or, resuming, the checkpoint's. (The trainer breaks ties in
+    hash order, so two trainings on the same text can give different vocabularies.)"""
+    if resume is not None:
+        try:
+            return AutoTokenizer.from_pretrained(resume)
+        except (OSError, ValueError):
+            raise UserError(
+                f"--resume-from-checkpoint: {resume}: holds no tokenizer (--model tiny needs it)"
+            ) from None
+    from mtnlp.modeling.tiny import train_wordpiece
+
+    main = accelerator.is_main_process
+    shared = [train_wordpiece(training_text(cards, data_dirs)) if main else None]
+    return broadcast_object_list(shared)[0]
+
+
+def load_encoder(
+    name: str,
+    cards: Sequence[TaskCard],
+    data_dirs: Sequence[Path] | None,
+    tokenizer: PreTrainedTokenizerBase | None = None,
+) -> tuple[PreTrainedTokenizerBase, torch.nn.Module]:
+    """Tokenizer and pretrained encoder for `--model` ('tiny': a tiny BERT for `tokenizer`, see
+    `tiny_tokenizer`)."""
+    if name == "tiny":
+        from mtnlp.modeling.tiny import tiny_bert
+
+        return tokenizer, tiny_bert(tokenizer)
+    folder = Path(name).expanduser()
+    if name.startswith(("/", ".", "~")) and not folder.is_dir():  # a path, not a Hub id
+        raise UserError(f"--model: {name}: no such model folder")
+    try:
+        if folder.is_dir():
+            check_weight_files(folder)  # safetensors only, and whole
+        tokenizer = AutoTokenizer.from_pretrained(name)
+        # never unpickles; a trained mtnlp model loads strictly (MultiTaskModel.from_pretrained)
+        encoder = AutoModel.from_pretrained(name, use_safetensors=True)
+    except UserError as error:
+        raise UserError(f"--model: {error}") from None
+    except OSError as error:
+        raise UserError(
+            f"--model: {name}: not a local model folder and not loadable from the Hub "
+            f"({first_line(error)})"
+        ) from None
+    check_tokenizer(name, tokenizer, encoder, cards)
+    return tokenizer, encoder
+
+
+def check_tokenizer(
+    name: str,
+    tokenizer: PreTrainedTokenizerBase,
+    encoder: torch.nn.Module,
+    cards: Sequence[TaskCard],
+) -> None:
+    """The tokenizer must pad batches, and encode sentence pairs in token types the encoder has."""
+    if tokenizer.pad_token is None:
+        raise UserError(f"--model: {name}: its tokenizer has no padding token, so it cannot batch")
+    pairs = [card.name for card in cards if len(card.inputs) == 2]
+    type_vocab_size = getattr(encoder.config, "type_vocab_size", None)
+    if pairs and type_vocab_size is not None:
+        second = max(tokenizer("a", "b").get("token_type_ids") or [0])
+        if second >= type_vocab_size:
+            raise UserError(
+                f"--model: {name}: cannot encode the sentence pairs of task {pairs[0]}: its "
+                f"tokenizer marks the second sentence as token type {second}, but the encoder "
+                f"has {type_vocab_size} token type(s)"
+            )
+
+
+def make_optimizer(
+    model: torch.nn.Module,
+    extra: torch.nn.Module,
+    args: TrainArguments,
+    device: torch.device | None = None,
+):
+    """AdamW without weight decay on biases and LayerNorm weights (BERT's recipe); fused when
+    `device` (where training runs) has torch's fused kernel."""
+    decay, no_decay = [], []
+    mixing = model.sharing.mixing_parameters()  # cross-stitch / sluice units (sharing.py)
+    for parameter in model.parameters():
+        if parameter.requires_grad and not any(parameter is p for p in mixing):
+            (no_decay if parameter.ndim < 2 else decay).append(parameter)
+    groups = [
+        {"params": decay, "weight_decay": args.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    learned = [p for p in extra.parameters() if p.requires_grad]
+    if learned:  # learned loss weights: no decay, their own learning rate
+        lr = args.weighting_learning_rate or args.learning_rate
+        groups.append({"params": learned, "weight_decay": 0.0, "lr": lr})
+    if mixing:  # they learn faster than the network (Misra et al. 2016)
+        lr = args.learning_rate * model.sharing.options["lr_scale"]
+        groups.append({"params": mixing, "weight_decay": 0.0, "lr": lr})
+    # one fused kernel per step on CPU and CUDA: on CPU, torch's default per-tensor loop makes
+    # AdamW's step ~6x slower (MiniLM: ~10% of a training step; bench/RESULTS.md)
+    fused = True if device is not None and device.type in FUSED_ADAMW_DEVICES else None
+    return torch.optim.AdamW(groups, lr=args.learning_rate, fused=fused)
+
+
+def make_accelerator(args: TrainArguments) -> Accelerator:
+    """The run's accelerator: gradient accumulation, DDP that tolerates heads without a gradient
+    (tasks absent from a step), the `--report-to` trackers logging under the output folder."""
+    output_dir = Path(args.output_dir)
+    return Accelerator(
+        gradient_accumulation_plugin=GradientAccumulationPlugin(
+            num_steps=args.gradient_accumulation_steps, sync_with_dataloader=False
+        ),
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+        log_with=trackers(args.report_to),
+        project_config=ProjectConfiguration(str(output_dir), logging_dir=str(output_dir / LOGS)),
+    )
+
+
+def tracker_config(args: TrainArguments) -> dict[str, Any]:
+    """The arguments as tracker hyper-parameters (TensorBoard takes only scalars and strings)."""
+    simple = (int, float, str, bool)
+    return {k: v if isinstance(v, simple) else str(v) for k, v in vars(args).items()}
+
+
+def build_run(args: TrainArguments, cards: Sequence[TaskCard], accelerator: Accelerator) -> Run:
+    """Everything the loop needs, in an order that keeps a seeded run reproducible: checks of the
+    output folder and checkpoint, seed, tokenizer, encoder and data, model, weighting, loaders,
+    schedule and sampler, optimizer and regularizers, accelerate's preparation."""
+    specs = [card.model_spec() for card in cards]
+    resume = start_checks(args, specs, accelerator)
+    set_seed(args.seed)
+    tokenizer, encoder, data = load_model_and_data(args, cards, accelerator, resume)
+    model = build_model(encoder, specs, args.sharing_config)
+    del encoder
+    weighting = build_weighting(
+        args.weighting,
+        [card.name for card in cards],
+        task_types={card.name: card.type for card in cards},
+        static_weights={card.name: card.loss_weight for card in cards},
+        dwa_temperature=args.dwa_temperature,
+        seed=args.seed,
+    )
+    check_distributed(accelerator, args.batch_mode == "all_tasks", weighting, args.weighting)
+    train_loaders, eval_loaders = make_loaders(args, cards, data, tokenizer)
+    schedule, sampler = make_schedule(args, cards, train_loaders, accelerator.num_processes)
+    optimizer = make_optimizer(model, weighting, args, accelerator.device)
+    # block-sparse heads and the adversarial task discriminator (regularizers.py)
+    regularizers = RunRegularizers(model, args.block_sparse, args.block_sparse_q, args.adversarial)
+    regularizers.to(accelerator.device)
+    if any(True for _ in regularizers.parameters()):
+        optimizer.add_param_group({"params": list(regularizers.parameters())})
+    scheduler = get_scheduler(
+        "linear",
+        optimizer,
+        num_warmup_steps=int(args.warmup_ratio * schedule.total_steps),
+        num_training_steps=schedule.total_steps,
+    )
+    weighting.to(accelerator.device)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    # JMT successive regularization (Hashimoto et al. 2017); a no-op when every delta is 0
+    successive = SuccessiveRegularizer(
+        accelerator.unwrap_model(model),
+        {card.name: card.successive_regularization for card in cards},
+    )
+    streams = prepare_loaders(accelerator, train_loaders, eval_loaders)
+    state = TrainState(list(train_loaders), streams, accelerator.device)
+    epoch_losses = EpochLosses(list(train_loaders), accelerator.device)
+    run_state = resumable_state(scheduler, sampler, weighting, state, epoch_losses)
+    if any(True for _ in regularizers.parameters()):
+        run_state.add("regularizers", regularizers)
+    if successive.deltas:
+        run_state.add("successive", successive)
+    accelerator.register_for_checkpointing(run_state)
+    model.train()
+    return Run(
+        accelerator=accelerator,
+        model=model,
+        tokenizer=tokenizer,
+        cards=list(cards),
+        optimizer=optimizer,
+        scheduler=scheduler,
+        sampler=sampler,
+        streams=streams,
+        weighting=weighting,
+        regularizers=regularizers,
+        successive=successive,
+        eval_loaders=eval_loaders,
+        data=data,
+        state=state,
+        epoch_losses=epoch_losses,
+        run_state=run_state,
+        output_dir=Path(args.output_dir),
+        schedule=schedule,
+        shared=list(accelerator.unwrap_model(model).encoder.parameters()),  # for pcgrad
+        unsynced=[  # DDP does not average these (state.Run)
+            *weighting.parameters(),
+            *(model.parameters() if schedule.all_tasks else []),
+            *regularizers.parameters(),
+        ],
+        specs=specs,
+        resume_from=resume,
+        overwrite_output_dir=args.overwrite_output_dir,
+        arguments=vars(args),
+        publishing=Publishing(args.hub_model_id, args.push_to_hub, args.hub_private),
+    )
+
+
+def make_schedule(
+    args: TrainArguments, cards: Sequence[TaskCard], loaders: dict[str, Any], num_processes: int
+) -> tuple[Schedule, Any]:
+    """The run's numbers from the loaders' lengths, and the task sampler over them."""
+    # batches per process, as accelerate shards them (even_batches: every process gets as many)
+    task_sizes = {name: math.ceil(len(loader) / num_processes) for name, loader in loaders.items()}
+    micro_per_epoch = epoch_length(args.batch_mode, task_sizes)
+    steps_per_epoch = math.ceil(micro_per_epoch / args.gradient_accumulation_steps)
+    total_steps = args.max_steps or max(1, math.ceil(args.epochs * steps_per_epoch))
+    schedule = Schedule(
+        total_steps=total_steps,
+        steps_per_epoch=steps_per_epoch,
+        micro_per_epoch=micro_per_epoch,
+        accumulation_steps=args.gradient_accumulation_steps,
+        max_grad_norm=args.max_grad_norm,
+        max_bad_steps=args.max_bad_steps,
+        all_tasks=args.batch_mode == "all_tasks",  # never asks the sampler
+    )
+    sampler = build_task_sampler(
+        args.sampler,
+        task_sizes,
+        seed=args.seed,
+        sampling_weights={card.name: card.sampling_weight for card in cards},
+        num_epochs=math.ceil(total_steps * args.gradient_accumulation_steps / micro_per_epoch),
+        temperature=args.temperature,
+        examples_cap=args.examples_cap,
+        examples_per_batch=args.batch_size * num_processes,
+    )
+    return schedule, sampler
+
+
+def prepare_loaders(
+    accelerator: Accelerator, train_loaders: dict[str, Any], eval_loaders: dict[str, dict]
+) -> TaskStreams:
+    """The loaders prepared by accelerate (sharded over processes; `eval_loaders` in place) and
+    the endless streams of training batches over them."""
+    names = list(train_loaders)
+    prepared = accelerator.prepare(*train_loaders.values())
+    prepared = prepared if isinstance(prepared, (list, tuple)) else [prepared]
+    for loaders in eval_loaders.values():
+        for split in loaders:
+            loaders[split] = accelerator.prepare(loaders[split])
+    return TaskStreams(dict(zip(names, prepared, strict=True)), accelerator.num_processes)
+
+
+def start_checks(
+    args: TrainArguments, specs: list[dict[str, Any]], accelerator: Accelerator
+) -> Path | None:
+    """Before any work: the checkpoint to resume (it must be of these tasks and this `--model`),
+    the output folder (not another run's), a killed run's leftovers removed, the trackers
+    started. Returns the checkpoint, if resuming."""
+    output_dir = Path(args.output_dir)
+    resume = resolve_checkpoint(args.resume_from_checkpoint, output_dir)
+    if resume is not None:
+        check_tasks(resume, specs)
+        check_model(resume, args.model)
+    check_output_dir(output_dir, args.overwrite_output_dir, resume)
+    if accelerator.is_main_process:  # a fresh start replaces the logs of the run it overwrites
+        clean_leftovers(output_dir, logs=resume is None)
+    if accelerator.log_with:
+        accelerator.init_trackers("mtnlp", config=tracker_config(args))
+    return resume
+
+
+def load_model_and_data(
+    args: TrainArguments, cards: Sequence[TaskCard], accelerator: Accelerator, resume: Path | None
+) -> tuple[PreTrainedTokenizerBase, torch.nn.Module, dict[str, TaskData]]:
+    """Tokenizer, encoder and tokenized data, read by the main process first (the others then
+    find them in the cache); `--model tiny`: the same vocabulary on every process (the
+    checkpoint's when resuming)."""
+    tiny = None
+    if args.model == "tiny":
+        tiny = tiny_tokenizer(cards, args.data_dirs, accelerator, resume)
+    with accelerator.main_process_first():
+        tokenizer, encoder = load_encoder(args.model, cards, args.data_dirs, tiny)
+        data = {
+            card.name: load_task(
+                card,
+                tokenizer,
+                args.data_dirs,
+                max_train_samples=args.max_train_samples,
+                max_eval_samples=args.max_eval_samples,
+                label_all_subtokens=args.label_all_subtokens,
+            )
+            for card in cards
+        }
+    return tokenizer, encoder, data
+
+
+def build_model(
+    encoder: torch.nn.Module, specs: list[dict[str, Any]], sharing: dict[str, Any] | None
+) -> MultiTaskModel:
+    """`MultiTaskModel.from_multitask`, its errors worded for `--model` and `--sharing`."""
+    try:
+        return MultiTaskModel.from_multitask(encoder, specs, sharing)
+    except SharingMismatch as error:
+        raise sharing_mismatch_error(error) from None
+    except UserError as error:
+        raise UserError(f"--model: {error}") from None
+
+
+def make_loaders(
+    args: TrainArguments,
+    cards: Sequence[TaskCard],
+    data: dict[str, TaskData],
+    tokenizer: PreTrainedTokenizerBase,
+) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    """Each task's training loader (shuffled, seeded) and its dev loaders, per split."""
+    by_name = {card.name: card for card in cards}
+    train_loaders = {
+        name: make_dataloader(
+            by_name[name],
+            task.train,
+            tokenizer,
+            args.batch_size,
+            shuffle=True,
+            seed=args.seed,
+            group_by_length=args.group_by_length,
+        )
+        for name, task in data.items()
+    }
+    eval_loaders = {
+        name: {
+            split: make_dataloader(
+                by_name[name], dataset, tokenizer, args.eval_batch_size, shuffle=False
+            )
+            for split, dataset in task.evals.items()
+        }
+        for name, task in data.items()
+    }
+    return train_loaders, eval_loaders
+
+
+def resumable_state(scheduler: Any, sampler: Any, weighting: Any, state: Any, epoch_losses: Any):
+    """The run's keyed resumable state with its always-present entries."""
+    run_state = RunState()
+    for name, component in [
+        ("schedule", scheduler),
+        ("sampler", sampler),
+        ("weighting", weighting),
+        ("loop", state),
+        ("epoch_losses", epoch_losses),
+    ]:
+        run_state.add(name, component)
+    return run_state
+
+
+def default_callbacks(run: Run, args: TrainArguments) -> list[Callback]:
+    """The built-in periodic actions, in order: progress and logs, evaluation (keep-best), task
+    affinity, checkpoints (after evaluation, so the keep-best state is in the checkpoint)."""
+    eval_every = args.eval_every or (run.schedule.steps_per_epoch if args.keep_best else None)
+    metrics = main_metrics(run.specs) if args.keep_best else None
+    callbacks: list[Callback] = [
+        ProgressCallback(args.log_every or default_log_every(run.schedule.total_steps)),
+        EvaluationCallback(eval_every, metrics),
+    ]
+    if args.affinity_every and len(run.cards) > 1:
+        probes = probe_batches(
+            run.cards, run.data, run.tokenizer, args.batch_size, run.accelerator.device
+        )
+        callbacks.append(AffinityCallback(args.affinity_every, probes, args.learning_rate))
+    if args.checkpoint_every:
+        callbacks.append(
+            CheckpointCallback(args.checkpoint_every, args.keep_checkpoints, run.arguments)
+        )
+    return callbacks

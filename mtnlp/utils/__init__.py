@@ -1,0 +1,2 @@
+"""The bottom layer: user errors, the component registry, output-folder files. Imports nothing of
+mtnlp."""

@@ -1,0 +1,52 @@
+"""User errors: mistakes in cards, data or flags that get one clear line and exit code 2.
+
+A bug raises any other exception and keeps its traceback; a user mistake raises `UserError`,
+whose message names the file, line or field at fault (see DESIGN: "Errors are for people").
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from collections.abc import Callable
+from typing import NoReturn, TypeVar
+
+USER_ERROR_EXIT_CODE = 2
+
+
+F = TypeVar("F", bound=Callable[..., object])
+
+
+class UserError(Exception):
+    """A mistake in the user's input (card, data file, flag, path): shown as one line, exit 2."""
+
+
+class OneLineArgumentErrors:
+    """Mixin for argparse parsers: a flag that does not parse is a `UserError` (one `error:` line,
+    exit 2 through `exit_on_user_error`) instead of argparse's usage text and message."""
+
+    prog: str
+
+    def error(self, message: str) -> NoReturn:
+        raise UserError(f"{self.prog}: {message} (see {self.prog} --help)")
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of a library's error message (its type name when it has none), to quote
+    inside a one-line `UserError`."""
+    return (str(error).strip() or type(error).__name__).splitlines()[0]
+
+
+def exit_on_user_error(main: F) -> F:
+    """Decorate a command-line entry point: a `UserError` prints `error: <message>` and exits 2."""
+
+    @functools.wraps(main)
+    def wrapper(*args, **kwargs):
+        try:
+            return main(*args, **kwargs)
+        except UserError as error:
+            for line in str(error).splitlines():  # several problems: one line each
+                print(f"error: {line}", file=sys.stderr)
+            sys.exit(USER_ERROR_EXIT_CODE)
+
+    return wrapper  # type: ignore[return-value]

@@ -1,0 +1,258 @@
+"""Files of an output folder: the write check, the one-run-at-a-time lock, JSON reading, and
+folders written all at once (staging, fsync, rename: a crash never leaves a renamed folder without
+its contents, nor a half-written one in place).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import stat
+import uuid
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, suppress
+from pathlib import Path
+from typing import Any
+
+from filelock import FileLock, SoftFileLock, Timeout
+
+from mtnlp.utils.errors import UserError
+
+WRITE_PROBE = ".mtnlp-probe-{pid}"  # written and removed at once by `writable_output_dir`
+
+
+def writable_output_dir(folder: Path) -> None:
+    """Create `--output-dir` (and its parents) and write a file there, so a folder that cannot
+    hold the results fails before any work, as a `UserError` naming it, not at save time."""
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"--output-dir: {folder} is a file, not a folder")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / WRITE_PROBE.format(pid=os.getpid())
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as error:
+        raise UserError(f"--output-dir: {folder}: cannot write here ({_reason(error)})") from None
+
+
+# ------------------------------------------------------------------------------ the lock
+LOCK_FILE = ".mtnlp.lock"
+HOLDER = "pid {pid} on {host}\n"  # what the lock file says while a run holds it
+
+
+@contextmanager
+def output_lock(output_dir: Path, main: bool = True) -> Iterator[None]:
+    """Hold `output_dir`'s lock (the main process; the others only go along): check first that
+    the folder can be created and written, so a bad `--output-dir` fails now, not at the first
+    save. Refuses a folder another live run holds, naming it (the lock file says `pid N on
+    HOST`). The lock is an OS lock (`filelock`: flock, or msvcrt on Windows) that the system
+    releases when a run dies, so a stale lock file never blocks. On leaving, removes the lock file
+    and the folders it created if they stayed empty (a run refused early leaves nothing behind)."""
+    if not main:
+        yield
+        return
+    created = _missing_folders(output_dir)
+    try:
+        lock = _lock(output_dir)
+    except UserError:
+        _remove_empty(created)
+        raise
+    try:
+        yield
+    finally:
+        _unlock(lock)
+        _remove_empty(created)
+
+
+def _lock(output_dir: Path) -> FileLock:
+    """Create `output_dir`, probe a write, take the lock and write this process into it."""
+    writable_output_dir(output_dir)
+    path = output_dir / LOCK_FILE
+    try:
+        while (lock := _try_lock(output_dir, path)) is None:
+            pass  # the file changed under us (its holder removed it): lock the new one
+    except OSError as error:
+        raise UserError(
+            f"--output-dir: {output_dir}: cannot write here ({_reason(error)})"
+        ) from None
+    return lock
+
+
+def _try_lock(output_dir: Path, path: Path) -> FileLock | None:
+    """The lock on `path`, held; None if the file was removed or replaced meanwhile (try again).
+    A lock that another process holds is refused, naming its holder."""
+    before = _stat(path)
+    if before is not None and not stat.S_ISREG(before.st_mode):
+        # filelock follows a link (and before filelock 4 truncates its target); a FIFO blocks
+        what = "a symbolic link" if stat.S_ISLNK(before.st_mode) else "not a regular file"
+        raise UserError(
+            f"--output-dir: {output_dir}: {path} is {what}; mtnlp locks the folder with a file of "
+            "that name: remove it"
+        )
+    holder = _holder(path)  # read before locking: filelocks before 4 truncate the file
+    lock = FileLock(path, timeout=0)
+    try:
+        lock.acquire()
+    except Timeout:
+        after = _stat(path)
+        if before is None or after is None or not os.path.samestat(before, after):
+            return None  # not the file we saw: its holder removed it, maybe released it
+        raise UserError(
+            f"--output-dir: {output_dir}: another run is writing into this folder ({holder} holds "
+            f"{path}); wait for it to end, or give another --output-dir"
+        ) from None
+    descriptor = _descriptor(lock)
+    current = _stat(path)
+    if descriptor is not None and (
+        current is None or not os.path.samestat(os.fstat(descriptor), current)
+    ):  # we locked a file that its holder removed before our lock: a third run may lock anew
+        lock.release()
+        return None
+    soft = isinstance(lock, SoftFileLock) or getattr(lock._context, "soft_fallback", False)
+    if descriptor is not None and not soft:
+        # the holder, for the message of a refused run (a soft lock's marker is filelock's own)
+        os.ftruncate(descriptor, 0)
+        os.lseek(descriptor, 0, os.SEEK_SET)
+        os.write(descriptor, HOLDER.format(pid=os.getpid(), host=socket.gethostname()).encode())
+    return lock
+
+
+def _unlock(lock: FileLock) -> None:
+    """Remove the lock file, then release the lock (Windows cannot remove an open file: there,
+    release first; another run that opened it meanwhile keeps it)."""
+    path = Path(lock.lock_file)
+    try:
+        path.unlink(missing_ok=True)
+    except PermissionError:
+        lock.release()
+        with suppress(OSError):
+            path.unlink(missing_ok=True)
+        return
+    lock.release()
+
+
+def _descriptor(lock: FileLock) -> int | None:
+    """The held lock file's descriptor (filelock keeps it in its context since 3.10)."""
+    return getattr(getattr(lock, "_context", None), "lock_file_fd", None)
+
+
+def _stat(path: Path) -> os.stat_result | None:
+    try:
+        return path.lstat()
+    except FileNotFoundError:
+        return None
+
+
+def _holder(path: Path) -> str:
+    """Who holds the lock, as its lock file says ("a run" when it says nothing readable)."""
+    try:
+        with open(path, "rb") as file:
+            text = file.read(200).decode("utf-8", "replace").strip()
+    except OSError:  # none yet, or locked against reading (Windows)
+        text = ""
+    return text or "a run"
+
+
+def _reason(error: OSError) -> str:
+    return error.strerror or type(error).__name__
+
+
+def _missing_folders(folder: Path) -> list[Path]:
+    """`folder` and those of its parents that do not exist, deepest first."""
+    missing = []
+    while not folder.exists() and folder != folder.parent:
+        missing.append(folder)
+        folder = folder.parent
+    return missing
+
+
+def _remove_empty(folders: Sequence[Path]) -> None:
+    """Remove `folders` (deepest first) as long as they are empty."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:
+            return
+
+
+# ------------------------------------------------------------------------------ atomic folders
+def staging_folder(final: Path) -> Path:
+    """Where `atomic_folder(final)` writes before the rename: `.<name>.tmp` next to `final`
+    (the same file system, so the rename is atomic)."""
+    return final.with_name(f".{final.name}.tmp")
+
+
+@contextmanager
+def atomic_folder(
+    final: Path, staging: Path | None = None, *, merge: bool = False
+) -> Iterator[Path]:
+    """Write a folder all at once: yields an empty staging folder to fill; when the block ends
+    without an exception, `commit_folder` puts its contents in place (fsync, then rename), else
+    the staging folder is removed and `final` is left as it was.
+
+    `merge=False`: the staging folder (default `staging_folder(final)`, `.<name>.tmp` next to it)
+    replaces `final` as a whole. `merge=True`: the staging folder (default a fresh
+    `.saving-<hex>` inside `final`, which is created if needed) gives its entries to `final`, each
+    replacing its namesake; the other entries of `final` stay. A leftover staging folder of a
+    killed write (same name) is removed first.
+    """
+    if merge:
+        final.mkdir(parents=True, exist_ok=True)
+    if staging is None:
+        staging = final / f".saving-{uuid.uuid4().hex[:12]}" if merge else staging_folder(final)
+    if staging.exists():
+        shutil.rmtree(staging)
+    staging.mkdir(parents=True)
+    try:
+        yield staging
+        commit_folder(staging, final, merge=merge)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def commit_folder(staging: Path, final: Path, *, merge: bool = False) -> None:
+    """fsync everything in `staging`, then rename it to `final` (an existing `final` is removed
+    first), or with `merge` move each entry into `final`, replacing its namesake; then fsync the
+    folder that holds the new names. For writers spread over processes (a checkpoint): every
+    process writes into `staging`, the main one commits."""
+    sync_to_disk(staging)
+    if not merge:
+        if final.is_dir() and not final.is_symlink():
+            shutil.rmtree(final)
+        elif final.exists() or final.is_symlink():
+            final.unlink()
+        staging.rename(final)
+        sync_to_disk(final.parent, recursive=False)
+        return
+    for item in sorted(staging.iterdir()):
+        target = final / item.name
+        if target.is_dir() and not target.is_symlink():
+            shutil.rmtree(target)
+        elif item.is_dir() and (target.exists() or target.is_symlink()):
+            target.unlink()
+        item.replace(target)
+    sync_to_disk(final, recursive=False)
+
+
+def sync_to_disk(folder: Path, recursive: bool = True) -> None:
+    """fsync the files (and the folder entry) so a rename never outlives its contents on a crash.
+    (Windows cannot open a folder to fsync it; its renames are journaled by NTFS.)"""
+    if recursive:
+        for path in folder.rglob("*"):
+            if path.is_file() and not path.is_symlink():
+                with open(path, "rb+" if os.name == "nt" else "rb") as file:  # Windows: writable
+                    os.fsync(file.fileno())
+    if os.name == "nt":
+        return
+    descriptor = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
