@@ -125,8 +125,8 @@ class RunState:
     `state_dict()` is `{"format": 2, "schedule": ..., "sampler": ..., <callback name>: ...}`.
     Loading checks the names first: a checkpoint written with other options (`--keep-best`,
     `--block-sparse`, successive regularization) is refused naming the entry, never loaded into
-    the wrong object. A legacy checkpoint's first file (no "format" key) is skipped here: its
-    positional files are read by `checkpointing.read_legacy_state` and loaded with `load_entries`.
+    the wrong object. (A legacy checkpoint, one file per component, never comes here:
+    `checkpointing.load_checkpoint` registers its components one by one while it loads.)
     """
 
     VERSION = 2
@@ -149,10 +149,6 @@ class RunState:
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        if FORMAT_KEY in state:
-            self.load_entries({k: v for k, v in state.items() if k != FORMAT_KEY})
-
-    def load_entries(self, state: Mapping[str, Any]) -> None:
         """Load each entry's state after checking that the names match this run's."""
         self.check_names(state)
         for name, component in self.entries.items():
