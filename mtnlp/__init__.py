@@ -37,6 +37,7 @@ _LAZY = {
     "SAMPLERS": "mtnlp.training",
     "WEIGHTINGS": "mtnlp.training",
     "push_to_hub": "mtnlp.hub",
+    "export_onnx": "mtnlp.export.onnx",
 }
 
 __all__ = [

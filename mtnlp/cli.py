@@ -6,6 +6,8 @@
     mtnlp predict outputs/glue4 --split test --data-dir ../shared/data/glue --output-dir glue4-test
     mtnlp cards check tasks/
     mtnlp push outputs/glue4 --hub-model-id your-name/glue4
+    mtnlp export outputs/glue4 glue4-onnx --quantize int8 --data-dir ../shared/data/glue
+    mtnlp export outputs/glue4 rte-bert --format transformers --task rte
 
 `mtnlp train` takes the recipes' flags (`mtnlp train --help`); on several GPUs run it as
 `accelerate launch -m mtnlp.cli train ...`. Every user mistake is one `error:` line and exit 2.
@@ -144,10 +146,19 @@ def check_predict_flags(args: argparse.Namespace) -> None:
 
 
 def pipeline_of(args: argparse.Namespace) -> MultiTaskPipeline:
-    """The pipeline of `--model` with `--device`, `--dtype` and `--batch-size`."""
+    """The pipeline of `--model` with `--device`, `--dtype` and `--batch-size`; with
+    `--backend onnx`, of its ONNX graph (`--onnx-file`) on ONNX Runtime."""
     from mtnlp.inference.loading import load_model
     from mtnlp.inference.pipeline import MultiTaskPipeline, resolve_dtype
 
+    if args.backend == "onnx":
+        for flag, value in {"--device": args.device, "--dtype": args.dtype}.items():
+            if value is not None:
+                raise UserError(f"{flag}: not with --backend onnx (a graph runs on the CPU)")
+        file = {"file": args.onnx_file} if args.onnx_file else {}
+        return MultiTaskPipeline.from_onnx(args.model, batch_size=args.batch_size, **file)
+    if args.onnx_file:
+        raise UserError("--onnx-file: only with --backend onnx")
     model, tokenizer = load_model(args.model)
     dtype = resolve_dtype(args.dtype)
     if dtype is not None:  # in place (the pipeline would convert a copy): the model is ours
@@ -186,18 +197,69 @@ def cards_check_command(args: argparse.Namespace) -> None:
 
 
 def push_command(args: argparse.Namespace) -> None:
-    """`mtnlp push`: a trained model folder and its model card to the Hub."""
-    from mtnlp.hub.push import push_to_hub
+    """`mtnlp push`: a trained model folder and its model card to the Hub (with `--onnx`, also
+    its ONNX graphs: an `mtnlp export` folder's, or, without a folder, an fp32 export made now)."""
+    import tempfile
+
+    from mtnlp.hub.push import check_repo_id, push_to_hub
 
     if not Path(args.model).is_dir():
         raise UserError(f"{args.model}: no such model folder")
-    commit = push_to_hub(
-        args.model,
-        args.hub_model_id,
-        private=args.private or None,
-        commit_message=args.commit_message,
-    )
+    with tempfile.TemporaryDirectory() as staging:
+        onnx_dir = args.onnx
+        if onnx_dir == "":  # --onnx alone
+            from mtnlp.export.onnx import export_onnx
+
+            check_repo_id(args.hub_model_id)  # before the export's work
+            onnx_dir = export_onnx(args.model, Path(staging) / "onnx")
+        commit = push_to_hub(
+            args.model,
+            args.hub_model_id,
+            onnx_dir=onnx_dir,
+            private=args.private or None,
+            commit_message=args.commit_message,
+            license=args.license,
+            language=args.language,
+        )
     print(commit.commit_url)
+
+
+def export_command(args: argparse.Namespace) -> None:
+    """`mtnlp export`: a trained model as one ONNX graph for all heads (--format onnx), as a plain
+    transformers folder for one task (--format transformers --task T), or as the bare encoder
+    (--format encoder)."""
+    if not Path(args.model).is_dir():
+        raise UserError(f"{args.model}: no such model folder")
+    if args.format != "onnx" and (
+        args.quantize or args.opset or args.data_dir or args.max_eval_samples
+    ):
+        raise UserError(
+            "--quantize, --opset, --data-dir and --max-eval-samples apply to --format onnx only"
+        )
+    if args.format == "transformers" and not args.task:
+        raise UserError("--format transformers exports one task: give it with --task")
+    if args.format != "transformers" and args.task:
+        raise UserError("--task applies to --format transformers only")
+    if args.format == "onnx":
+        from mtnlp.export.onnx import export_onnx
+
+        export_onnx(
+            args.model,
+            args.output,
+            quantize=args.quantize,
+            opset=args.opset,
+            data_dir=args.data_dir,
+            max_eval_samples=args.max_eval_samples,
+        )
+    elif args.format == "transformers":
+        from mtnlp.export.transformers import export_task
+
+        export_task(args.model, args.output, args.task)
+    else:
+        from mtnlp.export.transformers import export_encoder
+
+        export_encoder(args.model, args.output)
+    print(f"exported {args.model} to {args.output} ({args.format})")
 
 
 # ------------------------------------------------------------------------------ parser
@@ -265,6 +327,17 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--batch-size", type=_positive, default=32, help="inputs per batch")
     predict.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cpu)")
     predict.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="model precision")
+    predict.add_argument(
+        "--backend",
+        choices=["torch", "onnx"],
+        default="torch",
+        help="onnx: the ONNX graph of an `mtnlp export` folder on ONNX Runtime, CPU "
+        "(default: %(default)s)",
+    )
+    predict.add_argument(
+        "--onnx-file",
+        help="--backend onnx: the graph to run, e.g. model.int8.onnx (default: model.onnx)",
+    )
     predict.set_defaults(run=predict_command)
 
     cards = commands.add_parser("cards", help="task-card tools")
@@ -282,7 +355,50 @@ def build_parser() -> argparse.ArgumentParser:
     push.add_argument("--hub-model-id", required=True, help="repository, e.g. your-name/glue-mt")
     push.add_argument("--private", action="store_true", help="create the repository as private")
     push.add_argument("--commit-message", default="Upload mtnlp multi-task model")
+    push.add_argument("--license", help="the card's license (a Hub id: apache-2.0, mit, ...)")
+    push.add_argument("--language", nargs="+", help="the card's languages (ISO 639: en, de, ...)")
+    push.add_argument(
+        "--onnx",
+        nargs="?",
+        const="",
+        metavar="EXPORT_DIR",
+        help="also upload the ONNX graphs of this `mtnlp export` folder (e.g. with int8); "
+        "without a folder, an fp32 export made now",
+    )
     push.set_defaults(run=push_command)
+
+    export = commands.add_parser(
+        "export",
+        help="export a trained model: ONNX (all heads, one graph), one task, or the encoder",
+        description=export_command.__doc__,
+    )
+    export.add_argument("model", help="trained model folder")
+    export.add_argument("output", help="folder to write (must not exist or be empty)")
+    export.add_argument(
+        "--format",
+        choices=["onnx", "transformers", "encoder"],
+        default="onnx",
+        help="onnx: model.onnx with one output per task; transformers: a plain "
+        "AutoModelFor... folder for --task; encoder: the bare encoder (default: %(default)s)",
+    )
+    export.add_argument("--task", help="--format transformers: the task to export")
+    export.add_argument(
+        "--quantize",
+        choices=["int8"],
+        help="also write model.int8.onnx (dynamic quantization, checked against fp32)",
+    )
+    export.add_argument("--opset", type=_positive, help="ONNX opset (default: 18)")
+    export.add_argument(
+        "--data-dir",
+        nargs="+",
+        help="--quantize: read the cards' dev data here to check int8 agreement (else the Hub)",
+    )
+    export.add_argument(
+        "--max-eval-samples",
+        type=_positive,
+        help="--quantize: at most N dev examples per task in the int8 check (default: 2000)",
+    )
+    export.set_defaults(run=export_command)
     return parser
 
 

@@ -37,6 +37,8 @@ class Metric:
     binary: bool = False  # scores exactly two labels (positive class = label id 1)
     multiclass_variants: tuple[str, ...] = ()  # a binary metric's counterparts for more labels
     greater_is_better: bool = True
+    evaluate_id: str | None = None  # evaluate's (and the Hub's) id, where it differs from ours
+    alias_of: str | None = None  # evaluate's name for one of ours: accepted, never suggested
 
     def __call__(self, predictions: Sequence[Any], references: Sequence[Any]) -> dict[str, float]:
         return self.compute(predictions, references)
@@ -76,14 +78,14 @@ def f1(predictions, references):
     return {"f1": float(f1_score(references, predictions, zero_division=0.0))}
 
 
-@register_metric("f1_macro", ["classification", "tagging"])
+@register_metric("f1_macro", ["classification", "tagging"], evaluate_id="f1")
 def f1_macro(predictions, references):
     """Unweighted mean of the per-label F1 scores (each label present in the gold or predicted
     labels counts once; per word for tagging)."""
     return {"f1_macro": _multiclass_f1(predictions, references, "macro")}
 
 
-@register_metric("f1_micro", ["classification", "tagging"])
+@register_metric("f1_micro", ["classification", "tagging"], evaluate_id="f1")
 def f1_micro(predictions, references):
     """F1 over all decisions pooled; equals accuracy for single-label classification."""
     return {"f1_micro": _multiclass_f1(predictions, references, "micro")}
@@ -104,12 +106,18 @@ def matthews_correlation(predictions, references):
     return {"matthews_correlation": float(matthews_corrcoef(references, predictions))}
 
 
-@register_metric("pearson", ["regression"])
+@register_metric("pearson", ["regression"], evaluate_id="pearsonr")
 def pearson(predictions, references):
     """Pearson correlation of predicted and gold scores (STS-B)."""
-    from scipy.stats import pearsonr
+    from scipy.stats import pearsonr as pearson_r
 
-    return {"pearson": _correlation(pearsonr, predictions, references)}
+    return {"pearson": _correlation(pearson_r, predictions, references)}
+
+
+@register_metric("pearsonr", ["regression"], alias_of="pearson")
+def pearsonr(predictions, references):
+    """`pearson` under evaluate's name (its result is named `pearsonr`, as evaluate's is)."""
+    return {"pearsonr": pearson(predictions, references)["pearson"]}
 
 
 @register_metric("spearmanr", ["regression"])
@@ -144,7 +152,7 @@ def seqeval(predictions, references, scheme: str = "IOB2"):
 
 
 for _scheme in ("IOB1", "IOE1", "IOE2", "IOBES", "BILOU"):
-    register_metric(f"seqeval_{_scheme.lower()}", ["tagging"], SEQEVAL_KEYS)(
+    register_metric(f"seqeval_{_scheme.lower()}", ["tagging"], SEQEVAL_KEYS, evaluate_id="seqeval")(
         functools.partial(seqeval, scheme=_scheme)
     )
 
@@ -215,7 +223,11 @@ def check_metric_fits(name: str, task: str, task_type: str, num_labels: int | No
     if name not in METRICS:
         return
     metric = METRICS.get(name)
-    fitting = [other for other in METRICS.names() if _fits(other, task_type, num_labels)]
+    fitting = [
+        other
+        for other in METRICS.names()
+        if _fits(other, task_type, num_labels) and not METRICS.get(other).alias_of
+    ]
     if task_type not in metric.task_types:
         raise ValueError(
             f"{name!r} scores {' or '.join(metric.task_types)} tasks, not {task_type}; "
@@ -250,7 +262,8 @@ def default_main_metric(metrics: Sequence[str]) -> list[str] | None:
     `accuracy`, else the first result; None (the first result at evaluation) when every metric
     is an evaluate module."""
     keys = result_keys(metrics)
-    for preferred in (["overall_f1"], ["f1"], ["matthews_correlation"], ["pearson", "spearmanr"]):
+    correlations = (["pearson", "spearmanr"], ["pearsonr", "spearmanr"])
+    for preferred in (["overall_f1"], ["f1"], ["matthews_correlation"], *correlations):
         if set(preferred) <= set(keys):
             return preferred
     if "accuracy" in keys:
@@ -285,6 +298,24 @@ def main_score(results: Mapping[str, float], main_metric: Sequence[str] | None, 
         )
     values = [results[key] if greater_is_better(key) else -results[key] for key in main_metric]
     return sum(values) / len(values)
+
+
+def evaluate_id(name: str) -> str | None:
+    """A card's metric as evaluate and the Hub name it (`pearson` -> `pearsonr`, `seqeval_iob1`
+    -> `seqeval`, `evaluate-metric/bleu` -> `bleu`, another Hub id as it is); None for a local
+    metric script, which has no public id."""
+    if name in METRICS:
+        return METRICS.get(name).evaluate_id or name
+    if name.startswith((".", "/", "~")) or name.endswith(".py") or Path(name).exists():
+        return None
+    return name.removeprefix("evaluate-metric/")
+
+
+def result_evaluate_id(key: str) -> str:
+    """The evaluate id of the metric that returns result `key` (`overall_f1` -> `seqeval`,
+    `f1_macro` -> `f1`); an evaluate module's result keeps its own name."""
+    owners = [name for name in METRICS.names() if key in METRICS.get(name).keys]
+    return evaluate_id(owners[0]) if owners else key
 
 
 def main_metrics(tasks: Iterable[Mapping[str, Any]]) -> dict[str, list[str] | None]:

@@ -1,4 +1,4 @@
-"""POS tagging, chunking and NER on CoNLL-2003 with one shared encoder, in one of three layouts.
+r"""POS tagging, chunking and NER on CoNLL-2003 with one shared encoder, in one of three layouts.
 
     accelerate launch recipes/conll_hierarchical.py --layout jmt --model bert-base-cased
     accelerate launch --cpu recipes/conll_hierarchical.py --layout low --model tiny \
@@ -35,9 +35,24 @@ LAYOUTS = ("flat", "low", "jmt")
 
 def layout_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(add_help=False)
-    parser.add_argument("--layout", choices=LAYOUTS, default="flat")
-    parser.add_argument("--task-layer", choices=("bilstm", "transformer"), default="bilstm")
-    parser.add_argument("--successive-reg", type=float, default=0.01)
+    parser.add_argument(
+        "--layout",
+        choices=LAYOUTS,
+        default="flat",
+        help="flat: every head on the top layer; low: low supervision; jmt: joint many-task",
+    )
+    parser.add_argument(
+        "--task-layer",
+        choices=("bilstm", "transformer"),
+        default="bilstm",
+        help="jmt: the task layer stacked under each head",
+    )
+    parser.add_argument(
+        "--successive-reg",
+        type=float,
+        default=0.01,
+        help="jmt: successive regularization strength (0 = off)",
+    )
     return parser
 
 

@@ -1,4 +1,4 @@
-"""Multi-task fine-tuning on GLUE, MT-DNN style: one shared encoder, one head per task.
+r"""Multi-task fine-tuning on GLUE, MT-DNN style: one shared encoder, one head per task.
 
     accelerate launch recipes/glue_mt.py --model bert-base-uncased --tasks rte,mrpc,stsb
     accelerate launch --cpu recipes/glue_mt.py --model tiny --data-dir ../shared/data/glue \

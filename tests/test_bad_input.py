@@ -1259,7 +1259,7 @@ UNPARSABLE_FLAGS = [
     (
         ["frobnicate"],
         "mtnlp: argument COMMAND: invalid choice: 'frobnicate' (choose from 'train', 'evaluate', "
-        "'predict', 'cards', 'push') (see mtnlp --help)",
+        "'predict', 'cards', 'push', 'export') (see mtnlp --help)",
     ),
 ]
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import sys
+from importlib.util import find_spec
 
 import datasets
 import pytest
@@ -178,6 +179,39 @@ def test_separate_models_predict_labels_and_scores(tiny_folder):
     results = inference.run_separate(models, tokenizer, ["a b", "c d e"], 4, 16)
     assert len(results) == 4  # 2 models x 2 sentences
     assert all(0.5 <= result["score"] <= 1 for result in results)
+
+
+# ------------------------------------------------------------------------------ onnx
+@pytest.mark.skipif(
+    find_spec("onnxruntime") is None or find_spec("onnx") is None,
+    reason="onnx and onnxruntime are not installed (pip install 'mtnlp[onnx]')",
+)
+def test_onnx_backends_speed_and_dev_scores(tiny_folder, data_dir, tmp_path):
+    """bench/onnx.py's core on a tiny model: every backend timed on short and long inputs, and
+    the ORT graph scoring the dev data as the PyTorch model does."""
+    from bench import onnx as onnx_bench
+    from mtnlp.export.onnx import export_onnx
+
+    model = onnx_bench.quick_model(tiny_folder, tmp_path / "model")
+    export = export_onnx(model, tmp_path / "export")
+    backends = {
+        name: onnx_bench.backend(name, model, export, threads=1, batch_size=4)
+        for name in ("torch_fp32", "torch_bf16", "ort_fp32")
+    }
+    assert backends["ort_fp32"][2] == {"short": ["sst2"], "long": ["rte"]}
+    assert onnx_bench.file_size_mb("ort_fp32", model, export) > 0
+    inputs = onnx_bench.glue_inputs(data_dir / "glue", 6)
+    assert len(inputs["short"]) == len(inputs["long"]) == 6 and len(inputs["long"][0]) == 2
+    speed = onnx_bench.measure_speed(backends, inputs, rounds=1, batch_size=4)
+    for name in backends:
+        for kind in ("short", "long"):
+            figures = speed[name][kind]
+            assert figures["sentences_per_s_batch_4"] > 0 and figures["sentences_per_s_batch_1"] > 0
+            assert 0 < figures["latency_ms_batch_1"]["p50"] <= figures["latency_ms_batch_1"]["p95"]
+    scores = onnx_bench.dev_scores(backends, export, data_dir / "glue", 8)
+    assert scores["ort_fp32"] == scores["torch_fp32"]
+    sst2 = scores["torch_fp32"]["sst2"]
+    assert sst2["glue_score"] == 100 * sst2["accuracy"]
 
 
 # ------------------------------------------------------------------------------ glue quality

@@ -74,7 +74,8 @@ BAD_CARDS = [
     ),
     (
         {"source": {"local": {"format": "xml", "files": {"train": "t", "validation": "d"}}}},
-        "source.local.format: Input should be 'tsv', 'csv', 'json', 'conll' or 'conllu'",
+        "source.local.format: Input should be 'tsv', 'csv', 'json', 'conll', 'conllu', 'parquet', "
+        "'arrow' or 'save_to_disk'",
     ),
 ]
 
@@ -153,3 +154,16 @@ def test_replace_gives_a_validated_copy_that_keeps_the_file(tmp_path: Path) -> N
     assert built.replace(layer=2).path is None
     with pytest.raises(UserError, match=r"^task ner: layer: Input should be a valid integer"):
         built.replace(layer="top")
+
+
+def test_evaluate_metric_names_are_accepted(tmp_path: Path) -> None:
+    """`pearsonr` (evaluate's name for `pearson`) scores a regression card, under its own result
+    name; cards with `pearson` keep theirs. Only our names are suggested for a wrong one."""
+    stsb = {
+        **VALID, "name": "stsb", "type": "regression", "labels": None,
+        "metrics": ["pearsonr", "spearmanr"],
+    }  # fmt: skip
+    card = load_card(write(tmp_path, stsb, "stsb.yaml"))
+    assert card.resolved_main_metric() == ["pearsonr", "spearmanr"]
+    with pytest.raises(UserError, match=r"not regression; use pearson or spearmanr$"):
+        load_card(write(tmp_path, {**stsb, "metrics": ["accuracy"]}, "stsb.yaml"))

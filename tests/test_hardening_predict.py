@@ -1,7 +1,7 @@
 """Issue 11, items 6, 16, 18, 19: the pipeline truncates each task as training did (the card's
 `max_length`, stored with the model); `mtnlp predict` reads JSON lines, CSV and TSV rows (blank
 lines skipped, other keys passed through) and predicts whole card splits into GLUE submission
-files; short runs log often enough to draw curves; the README's custom card is valid."""
+files; short runs log often enough to draw curves; Getting started's custom card is valid."""
 
 from __future__ import annotations
 
@@ -311,8 +311,8 @@ def test_short_runs_log_twenty_points(tiny, tmp_path, monkeypatch):
 
 
 def readme_block(after: str, language: str) -> str:
-    """The first ```language block of README.md after the line holding `after`."""
-    text = (REPO / "README.md").read_text()
+    """The first ```language block of docs/getting-started.md after the line holding `after`."""
+    text = (REPO / "docs" / "getting-started.md").read_text()
     start = text.index(f"```{language}\n", text.index(after)) + len(language) + 4
     return text[start : text.index("```", start)]
 

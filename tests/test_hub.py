@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import shutil
 from importlib import resources
+from importlib.util import find_spec
 from pathlib import Path
 from types import SimpleNamespace
 from unittest import mock
@@ -21,6 +22,7 @@ from transformers import AutoModel, AutoTokenizer
 
 from mtnlp.artifacts.run_folder import save_run
 from mtnlp.cards.load import parse_card
+from mtnlp.cli import main
 from mtnlp.hub.card import model_card, write_model_card
 from mtnlp.hub.push import push_to_hub
 from mtnlp.modeling.model import MultiTaskModel
@@ -146,6 +148,88 @@ def test_model_card_metadata(run):
         "config": "rte",
         "split": "validation",
     }
+
+
+def test_model_card_metadata_the_hub_understands(run, tmp_path):
+    """What the Hub reads from the card's YAML, as huggingface_hub parses it: evaluate's metric
+    ids, the Hub's task types, pipeline tag, license, languages and base model (recorded by the
+    run: its flags, or its encoder's card)."""
+    folder = tmp_path / "run"
+    shutil.copytree(run.folder, folder, ignore=shutil.ignore_patterns("checkpoint-*"))
+    args = {**SUMMARY["args"], "model": "enc", "license": "apache-2.0", "language": ["en"],
+            "base_model": "google-bert/bert-base-uncased"}  # fmt: skip
+    (folder / "train_summary.json").write_text(json.dumps({**SUMMARY, "args": args}))
+    data = ModelCard(model_card(run.model.config, REPO_ID, folder)).data.to_dict()
+    assert data["license"] == "apache-2.0" and data["language"] == ["en"]
+    assert data["base_model"] == "google-bert/bert-base-uncased"
+    assert data["metrics"] == ["accuracy", "pearsonr", "seqeval", "spearmanr"]
+    assert "pipeline_tag" not in data  # sentence and token classification: no one pipeline
+    results = data["model-index"][0]["results"]
+    reported = {
+        (r["task"]["name"], r["task"]["type"], metric["type"], metric["name"])
+        for r in results
+        for metric in r["metrics"]
+    }
+    assert ("stsb", "sentence-similarity", "pearsonr", "pearson") in reported
+    assert ("stsb", "sentence-similarity", "spearmanr", "spearmanr") in reported
+    assert ("ner", "token-classification", "seqeval", "overall_f1") in reported
+    assert ("rte", "text-classification", "accuracy", "accuracy") in reported
+
+    # push flags replace the run's values
+    text = model_card(run.model.config, REPO_ID, folder, license="mit", language=["de", "fr"])
+    data = ModelCard(text).data.to_dict()
+    assert (data["license"], data["language"]) == ("mit", ["de", "fr"])
+
+
+@pytest.mark.parametrize(
+    ("tasks", "tag"),
+    [(["rte", "stsb"], "text-classification"), (["ner"], "token-classification")],
+)
+def test_pipeline_tag_of_one_kind_of_task(tiny_tokenizer, tmp_path, tasks, tag):
+    chosen = [c for c in CARDS if c.name in tasks]
+    model = MultiTaskModel.from_encoder(tiny_bert(tiny_tokenizer), [c.model_spec() for c in chosen])
+    save_run(tmp_path, model, tiny_tokenizer, chosen, {}, [], {})
+    assert ModelCard(model_card(model.config, REPO_ID, tmp_path)).data.pipeline_tag == tag
+
+
+def test_card_metadata_comes_from_the_encoders_card(tmp_path):
+    """A local encoder folder's card (an mtnlp run's, say) gives base model, license and
+    languages; flags win; a folder in the Hub cache names its repository."""
+    from mtnlp.training.setup import run_arguments
+
+    encoder = tmp_path / "encoder"
+    encoder.mkdir()
+    (encoder / "README.md").write_text(
+        "---\nlicense: cc-by-4.0\nlanguage: de\nbase_model: deepset/gbert-base\n---\n# enc\n"
+    )
+    recorded = run_arguments(parse_args(["--model", str(encoder)]))
+    assert recorded["base_model"] == "deepset/gbert-base"
+    assert (recorded["license"], recorded["language"]) == ("cc-by-4.0", ["de"])
+    flags = ["--model", str(encoder), "--license", "mit", "--language", "en", "de"]
+    assert run_arguments(parse_args(flags))["license"] == "mit"
+    assert run_arguments(parse_args(flags))["language"] == ["en", "de"]
+    snapshot = tmp_path / "models--google-bert--bert-base-uncased" / "snapshots" / "abc"
+    snapshot.mkdir(parents=True)
+    assert run_arguments(parse_args(["--model", str(snapshot)]))["base_model"] == (
+        "google-bert/bert-base-uncased"
+    )
+    assert run_arguments(parse_args(["--model", "tiny"]))["base_model"] is None
+
+
+@pytest.mark.parametrize(
+    ("flags", "error"),
+    [
+        (["--license", "Apache 2.0"], "--license: expected a Hub license id such as apache-2.0"),
+        (["--language", "en", "English"], "--language: expected ISO 639 language codes"),
+    ],
+)
+def test_bad_card_metadata_flags_are_one_line(run, hub, flags, error):
+    with pytest.raises(UserError, match=error):
+        parse_args(flags)
+    values = {"license": flags[1]} if flags[0] == "--license" else {"language": flags[1:]}
+    with pytest.raises(UserError, match=error):
+        push_to_hub(run.folder, REPO_ID, **values)
+    assert hub.commits == []
 
 
 def test_model_card_text(run):
@@ -409,6 +493,54 @@ def test_push_errors_are_user_errors(run, hub, tmp_path):
         parse_args(["--push-to-hub"])  # before any training starts
     args = parse_args(["--push-to-hub", "--hub-model-id", REPO_ID, "--hub-private"])
     assert (args.push_to_hub, args.hub_model_id, args.hub_private) == (True, REPO_ID, True)
+
+
+@pytest.mark.skipif(
+    find_spec("onnxruntime") is None or find_spec("onnx") is None,
+    reason="onnx and onnxruntime are not installed (pip install 'mtnlp[onnx]')",
+)
+def test_push_with_onnx_graphs(run, hub, tmp_path):
+    """`onnx_dir`: the export's graph and metadata beside the weights, a card that says how to
+    run them, and a repository that predicts through ONNX Runtime as the model does."""
+    from mtnlp.export.onnx import export_onnx
+    from mtnlp.inference.pipeline import MultiTaskPipeline
+
+    export = export_onnx(run.folder, tmp_path / "export")
+    push_to_hub(run.folder, REPO_ID, onnx_dir=export)
+    files = hub.commits[0]["files"]
+    assert {"model.onnx", "onnx.json", "model.safetensors"} <= set(files)
+    assert files["model.onnx"] == (export / "model.onnx").read_bytes()
+    assert files["config.json"] == (run.folder / "config.json").read_bytes()
+    readme = files["README.md"].decode()
+    assert readme == model_card(run.model.config, REPO_ID, run.folder, onnx_files=["model.onnx"])
+    assert f'mtnlp.MultiTaskPipeline.from_onnx("{REPO_ID}")' in readme
+    assert f"mtnlp predict {REPO_ID} --backend onnx --tasks rte,stsb,mnli" in readme
+    assert "model.int8.onnx" not in readme
+
+    pushed = tmp_path / "pushed"  # what a download without the weights holds
+    for path, content in files.items():
+        if not path.endswith(".safetensors"):
+            (pushed / path).parent.mkdir(parents=True, exist_ok=True)
+            (pushed / path).write_bytes(content)
+    pair = ("A man sleeps.", "Someone is asleep.")
+    expected = MultiTaskPipeline(run.model, run.tokenizer)(pair)
+    got = MultiTaskPipeline.from_onnx(pushed)(pair)
+    assert got["rte"]["label"] == expected["rte"]["label"]
+    assert got["stsb"]["value"] == pytest.approx(expected["stsb"]["value"], abs=1e-4)
+
+    other = shutil.copytree(export, tmp_path / "other")
+    config = json.loads((other / "config.json").read_text())
+    (other / "config.json").write_text(json.dumps({**config, "tasks": config["tasks"][:1]}))
+    with pytest.raises(UserError, match="other: an export of another model"):
+        push_to_hub(run.folder, REPO_ID, onnx_dir=other)
+    with pytest.raises(UserError, match=r"--onnx: .*: no \*\.onnx graph"):
+        push_to_hub(run.folder, REPO_ID, onnx_dir=run.folder)
+
+    # `mtnlp push --onnx`: without a folder, an fp32 export made for the push
+    main(["push", str(run.folder), "--hub-model-id", REPO_ID, "--onnx"])
+    files = hub.commits[-1]["files"]
+    assert {"model.onnx", "onnx.json", "model.safetensors"} <= set(files)
+    assert "model.int8.onnx" not in files
 
 
 def test_nothing_pushed_is_code(run, hub):

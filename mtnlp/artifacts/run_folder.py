@@ -94,13 +94,15 @@ def save_run(
     results: dict[str, dict[str, float]],
     history: list[dict[str, Any]],
     summary: dict[str, Any],
+    state_dict: dict[str, Any] | None = None,
 ) -> None:
     """Write everything into a staging folder inside `output_dir`, then move it in entry by
     entry (each synced to disk first), so an interrupted save never leaves a half-written model
-    behind (a killed save's staging folder is a leftover that the next run removes)."""
+    behind (a killed save's staging folder is a leftover that the next run removes).
+    `state_dict`: the model's whole weights when they are sharded over processes (FSDP)."""
     staging = output_dir / f"{SAVING_PREFIX}{os.getpid()}"
     with atomic_folder(output_dir, staging, merge=True):
-        model.save_pretrained(staging)
+        model.save_pretrained(staging, state_dict=state_dict)
         tokenizer.save_pretrained(staging)
         (staging / CARDS_DIR).mkdir()
         for card in cards:

@@ -73,11 +73,23 @@ class SplitOptions(_Strict):
     columns: dict[str, str] | None = Field(None, description="card column -> file column")
 
 
+# formats whose files name and type their columns: a header, column names or a text encoding
+# mean nothing to them
+TYPED_FORMATS = ("parquet", "arrow", "save_to_disk")
+
+
 class LocalSource(_Strict):
     """How to read the same task from local files, relative to `--data-dir`."""
 
-    format: Literal["tsv", "csv", "json", "conll", "conllu"] = Field(description="file format")
-    files: dict[str, str] = Field(description="split name -> path relative to --data-dir")
+    format: Literal["tsv", "csv", "json", "conll", "conllu", "parquet", "arrow", "save_to_disk"] = (
+        Field(
+            description="file format; save_to_disk: a folder written by `Dataset.save_to_disk` "
+            "(a DatasetDict's: the split's sub-folder)"
+        )
+    )
+    files: dict[str, str] = Field(
+        description="split name -> path relative to --data-dir (save_to_disk: a folder)"
+    )
     header: bool = Field(True, description="tsv/csv: the first line names the columns")
     column_names: list[str] | None = Field(
         None, description="names of the file's columns (tsv/csv without header, conll)"
@@ -117,6 +129,27 @@ class LocalSource(_Strict):
         return self
 
     @model_validator(mode="after")
+    def _typed_columns(self) -> LocalSource:
+        """Parquet, Arrow and save_to_disk data name their columns (map them with `columns`)."""
+        if self.format not in TYPED_FORMATS:
+            return self
+        given = [
+            name for name in ("header", "column_names", "encoding") if name in self.model_fields_set
+        ]
+        given += [
+            f"split_options.{split}.{name}"
+            for split, options in self.split_options.items()
+            for name in ("header", "column_names")
+            if getattr(options, name) is not None
+        ]
+        if given:
+            raise ValueError(
+                f"{given[0]}: not used by format {self.format!r}, whose data name their columns "
+                "(map them with 'columns')"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _needs_column_names(self) -> LocalSource:
         unknown = sorted(set(self.split_options) - set(self.files))
         if unknown:
@@ -139,8 +172,15 @@ class LocalSource(_Strict):
 
 
 class DataSource(_Strict):
-    hub: HubSource | None = Field(None, description="the task on the Hub")
-    local: LocalSource | None = Field(None, description="the task in local files")
+    """Where the task's data comes from: local files (read with `--data-dir`), the Hub (read
+    without it), or both."""
+
+    hub: HubSource | None = Field(
+        None, description="the task on the Hub, read when no --data-dir is given"
+    )
+    local: LocalSource | None = Field(
+        None, description="the task in local files, read with --data-dir"
+    )
 
     @model_validator(mode="after")
     def _at_least_one(self) -> DataSource:

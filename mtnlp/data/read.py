@@ -1,10 +1,12 @@
-"""Reading a card's data: local files (tsv, csv, json, conll, conllu) inside `--data-dir`,
-or a Hub dataset, through `datasets` builders; errors name the file, never its content.
+"""Reading a card's data: local files (tsv, csv, json, conll, conllu, parquet, arrow, or a
+`Dataset.save_to_disk` folder) inside `--data-dir`, or a Hub dataset, through `datasets`
+builders; errors name the file, never its content.
 """
 
 from __future__ import annotations
 
 import csv
+import json
 import re
 import warnings
 from collections.abc import Iterator, Sequence
@@ -15,28 +17,66 @@ import datasets
 from datasets.exceptions import DatasetNotFoundError
 from pandas.errors import ParserWarning
 
-from mtnlp.cards.schema import LocalSource, TaskCard
+from mtnlp.cards.schema import TYPED_FORMATS, LocalSource, TaskCard
 from mtnlp.utils.errors import UserError, first_line
 
 CONLLU_COLUMNS = ["id", "form", "lemma", "upos", "xpos", "feats", "head", "deprel", "deps", "misc"]
 
 
+SAVED_STATE, SAVED_SPLITS = "state.json", "dataset_dict.json"  # what save_to_disk writes
+
+
 def resolve_file(card: TaskCard, split: str, data_dirs: Sequence[Path]) -> Path:
-    """The local file of `split`: the first `--data-dir` that holds the card's relative path.
-    It must stay inside that folder once symbolic links are followed (cards refuse `..` and
-    absolute paths already)."""
-    relative = card.source.local.files[split]
+    """The local file of `split` (format save_to_disk: its folder): the first `--data-dir` that
+    holds the card's relative path. It, and a folder's files, must stay inside that folder once
+    symbolic links are followed (cards refuse `..` and absolute paths already)."""
+    local = card.source.local
+    relative, folder_format = local.files[split], local.format == "save_to_disk"
+    kind = "folder" if folder_format else "file"
     for folder in data_dirs:
         candidate = Path(folder) / relative
-        if candidate.is_file():
-            if not candidate.resolve().is_relative_to(Path(folder).resolve()):
+        if candidate.exists() and candidate.is_dir() != folder_format:
+            instead = (
+                "a file, and format 'save_to_disk' reads the folder Dataset.save_to_disk writes "
+                "(one .arrow file is format 'arrow')"
+                if folder_format
+                else f"a folder, and format {local.format!r} reads a file (a folder written by "
+                "Dataset.save_to_disk is format 'save_to_disk')"
+            )
+            raise UserError(f"{card.where}: source.local.files.{split}: {candidate} is {instead}")
+        if candidate.exists():
+            inside = [candidate, *candidate.iterdir()] if folder_format else [candidate]
+            if not all(p.resolve().is_relative_to(Path(folder).resolve()) for p in inside):
                 raise UserError(
                     f"{card.where}: source.local.files.{split}: {candidate} leads outside "
                     f"--data-dir {folder} (through a symbolic link); refusing to read it"
                 )
             return candidate
     looked = ", ".join(str(folder) for folder in data_dirs)
-    raise UserError(f"{card.where}: {split} data file not found: {relative} (looked in {looked})")
+    raise UserError(f"{card.where}: {split} data {kind} not found: {relative} (looked in {looked})")
+
+
+def _saved_files(path: Path) -> list[str]:
+    """The Arrow files of a `Dataset.save_to_disk` folder, in order (as its state.json lists
+    them). Read through datasets' arrow builder, like any local file, so that tokenizing never
+    writes cache files into the data folder (a dataset from `load_from_disk` would)."""
+    if (path / SAVED_SPLITS).is_file():
+        splits = [p.name for p in sorted(path.iterdir()) if (p / SAVED_STATE).is_file()]
+        raise UserError(
+            f"{path}: a DatasetDict folder (splits {', '.join(splits)}); give each split's "
+            f"folder in files, e.g. {path.name}/{splits[0] if splits else 'train'}"
+        )
+    try:
+        state = json.loads((path / SAVED_STATE).read_text(encoding="utf-8"))
+        names = [entry["filename"] for entry in state["_data_files"]]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise UserError(
+            f"{path}: not a folder written by Dataset.save_to_disk (no readable {SAVED_STATE})"
+        ) from None
+    for name in names:
+        if not isinstance(name, str) or Path(name).name != name or not (path / name).is_file():
+            raise UserError(f"{path}: {SAVED_STATE} lists a data file that is not in the folder")
+    return [str(path / name) for name in names]
 
 
 def _reader_kwargs(local: LocalSource, path: Path) -> tuple[str, dict[str, Any]]:
@@ -64,6 +104,8 @@ def _reader_kwargs(local: LocalSource, path: Path) -> tuple[str, dict[str, Any]]
         return "csv", kwargs
     if local.format == "json":
         return "json", {"encoding": local.encoding}
+    if local.format in TYPED_FORMATS:  # a save_to_disk folder holds Arrow files
+        return ("parquet" if local.format == "parquet" else "arrow"), {}
     if local.format == "conllu":
         return "conll", {
             "column_names": CONLLU_COLUMNS,
@@ -116,6 +158,7 @@ def _holds_no_rows(path: Path, local: LocalSource) -> bool:
 
 def _read_local_file(card: TaskCard, path: Path, split: str, labels: bool) -> datasets.Dataset:
     local = card.source.local.for_split(split)
+    files = _saved_files(path) if local.format == "save_to_disk" else [str(path)]
     try:
         builder, kwargs = _reader_kwargs(local, path)
         with warnings.catch_warnings():
@@ -123,7 +166,7 @@ def _read_local_file(card: TaskCard, path: Path, split: str, labels: bool) -> da
             # the extra ones): the columns would hold the wrong fields
             warnings.simplefilter("error", ParserWarning)
             dataset = datasets.load_dataset(
-                builder, data_files={"data": str(path)}, split="data", **kwargs
+                builder, data_files={"data": files}, split="data", **kwargs
             )
     except Exception as error:  # datasets wraps parser errors in several types
         cause = root_cause(error)
@@ -133,7 +176,8 @@ def _read_local_file(card: TaskCard, path: Path, split: str, labels: bool) -> da
         elif isinstance(cause, UnicodeDecodeError):
             line, byte = _undecodable_at(path, local.encoding)
             reason = f"line {line}: not valid {local.encoding} text (byte {byte})"
-        elif _holds_no_rows(path, local):  # the builders fail on an empty file
+        # the builders fail on an empty text file
+        elif local.format not in TYPED_FORMATS and _holds_no_rows(path, local):
             reason = f"the {split} split of task {card.name} has no examples"
         else:
             reason = f"could not read as {local.format}: {_no_content(cause)}"

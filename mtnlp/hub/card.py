@@ -4,13 +4,17 @@ every task's dev metrics) as data, and the prose from a Jinja template.
 
 from __future__ import annotations
 
+import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import yaml
 from huggingface_hub import (
     EvalResult,
     ModelCard,
     ModelCardData,
+    try_to_load_from_cache,
 )
 from huggingface_hub.errors import (
     HFValidationError,
@@ -26,9 +30,11 @@ from mtnlp.artifacts.run_folder import (
     read_cards,
 )
 from mtnlp.cards.schema import TaskCard
+from mtnlp.metrics import evaluate_id, result_evaluate_id
 from mtnlp.modeling.config import MultiTaskConfig
 from mtnlp.modeling.loading import read_config
 from mtnlp.modeling.model import MODEL_CARD
+from mtnlp.utils.errors import UserError
 from mtnlp.utils.files import read_json
 
 LIBRARY_NAME = "mtnlp"
@@ -42,6 +48,47 @@ HUB_TASK_TYPES = {
     "regression": "text-classification",  # the Hub has no regression task type
     "tagging": "token-classification",
 }
+# in the model-index, a regression task on sentence pairs scores their similarity (STS-B)
+PAIR_REGRESSION_TYPE = "sentence-similarity"
+# Hub license ids (apache-2.0, mit, cc-by-4.0, other, ...) and languages (ISO 639 codes, with a
+# BCP 47 region or script, or "multilingual")
+LICENSE_ID = re.compile(r"[a-z0-9][a-z0-9.+-]*")
+LANGUAGE_CODE = re.compile(r"[a-z]{2,3}(-[A-Za-z0-9]{2,8})*|multilingual")
+
+
+def check_license(value: str | None, source: str) -> None:
+    """A `UserError` naming `source` (the flag) unless `value` looks like a Hub license id."""
+    if value is not None and not LICENSE_ID.fullmatch(value):
+        raise UserError(
+            f"{source}: expected a Hub license id such as apache-2.0, mit, cc-by-4.0 or other, "
+            f"got {value!r}"
+        )
+
+
+def check_languages(values: Sequence[str] | None, source: str) -> None:
+    """A `UserError` naming `source` unless every value is a language code (en, de, pt-BR,
+    multilingual)."""
+    for value in values or []:
+        if not LANGUAGE_CODE.fullmatch(value):
+            raise UserError(
+                f"{source}: expected ISO 639 language codes such as en, de or pt-BR (or "
+                f"multilingual), got {value!r}"
+            )
+
+
+def task_type(task: dict[str, Any]) -> str:
+    """A task's type in the model-index (`task.type`): the Hub's name of the kind of task."""
+    if task["type"] == "regression" and len(task["inputs"]) == 2:
+        return PAIR_REGRESSION_TYPE
+    return HUB_TASK_TYPES.get(task["type"], task["type"])
+
+
+def pipeline_tag(tasks: Sequence[dict[str, Any]]) -> str | None:
+    """The model's Hub pipeline tag: its tasks' common kind (text-classification: every task
+    classifies or scores its input; token-classification: every task tags words); None for a
+    model of both kinds, which no single Hub pipeline serves."""
+    tags = {HUB_TASK_TYPES.get(task["type"]) for task in tasks}
+    return tags.pop() if len(tags) == 1 else None
 
 
 # the training report's figures, shown on the card when the run has them
@@ -57,6 +104,38 @@ def _hub_base_model(name: str | None) -> str | None:
     except HFValidationError:  # a path (absolute, ./, ~/) of a folder that is not here
         return None
     return name
+
+
+HF_CACHE_FOLDER = re.compile(r"models--(.+)")  # the Hub cache's folder of a repository
+
+
+def encoder_metadata(name: str) -> dict[str, Any]:
+    """What a run's card takes from its encoder's: `base_model` (the Hub model it came from:
+    `--model` itself, the `base_model` of a local folder's model card, e.g. an mtnlp run's, or
+    the repository of a Hub cache snapshot), and the `license` and `language` of the encoder's
+    card when one is at hand (a local folder's README.md, or the Hub card in the local cache;
+    nothing is downloaded). Empty for 'tiny'."""
+    if name == "tiny":
+        return {}
+    folder = Path(name).expanduser()
+    if folder.is_dir():
+        readme = folder / MODEL_CARD
+        cached = [HF_CACHE_FOLDER.fullmatch(p.name) for p in folder.resolve().parents]
+        base = next((match[1].replace("--", "/") for match in cached if match), None)
+    else:
+        base = _hub_base_model(name)
+        found = try_to_load_from_cache(base, MODEL_CARD) if base else None
+        readme = Path(found) if isinstance(found, str) else None
+    try:
+        data = ModelCard.load(readme).data.to_dict() if readme and readme.is_file() else {}
+    except (OSError, ValueError, yaml.YAMLError):  # an unreadable card gives nothing
+        data = {}
+    language = data.get("language")
+    return {
+        "base_model": data.get("base_model") or base,
+        "license": data.get("license"),
+        "language": [language] if isinstance(language, str) else language,
+    }
 
 
 def _local_name(name: str) -> str:
@@ -88,8 +167,11 @@ def card_metadata(
     cards: dict[str, TaskCard],
     results: dict[str, dict[str, float]],
     base_model: str | None,
+    license: str | None = None,
+    language: Sequence[str] | None = None,
 ) -> ModelCardData:
-    """The card's YAML metadata, with a model-index entry per task and dev metric."""
+    """The card's YAML metadata, with a model-index entry per task and dev metric. Metrics go by
+    evaluate's ids (`pearsonr`, `seqeval`), each result by the name mtnlp reports it under."""
     evals = []
     for task in config.tasks or []:
         name, card = task["name"], cards.get(task["name"])
@@ -98,24 +180,30 @@ def card_metadata(
             metric, split = _metric_split(key, card)
             evals.append(
                 EvalResult(
-                    task_type=HUB_TASK_TYPES.get(task["type"], task["type"]),
+                    task_type=task_type(task),
                     task_name=name,
                     dataset_type=dataset_type,
                     dataset_name=dataset_name,
                     dataset_config=dataset_config,
                     dataset_split=split,
-                    metric_type=metric,
+                    metric_type=result_evaluate_id(metric),
                     metric_name=key,
                     metric_value=value,
                 )
             )
-    types = sorted({HUB_TASK_TYPES.get(t["type"], t["type"]) for t in config.tasks or []})
+    tasks = config.tasks or []
+    types = sorted({task_type(t) for t in tasks})
     datasets = sorted({c.source.hub.path for c in cards.values() if c.source.hub is not None})
+    metrics = {evaluate_id(name) for t in tasks for name in t.get("metrics") or []} - {None}
     return ModelCardData(
         library_name=LIBRARY_NAME,
+        pipeline_tag=pipeline_tag(tasks),
         tags=[LIBRARY_NAME, "multi-task", "mt-dnn", *types],
+        license=license,
+        language=list(language) if language else None,
         base_model=_hub_base_model(base_model),
         datasets=datasets or None,
+        metrics=sorted(metrics) or None,
         model_name=model_name,
         eval_results=evals or None,
     )
@@ -194,21 +282,39 @@ def _training_rows(summary: dict[str, Any]) -> list[tuple[str, str]]:
     return [(label, _cell(value)) for label, value in settings if value not in (None, "")]
 
 
-def model_card(config: MultiTaskConfig, repo_id: str, run_dir: Path | None = None) -> str:
+def model_card(
+    config: MultiTaskConfig,
+    repo_id: str,
+    run_dir: Path | None = None,
+    onnx_files: Sequence[str] = (),
+    license: str | None = None,
+    language: Sequence[str] | None = None,
+) -> str:
     """README.md of the pushed model: metadata, tasks, dev results, training set-up, usage.
 
     `run_dir` is the training output folder: its `cards/`, `eval_results.json`,
-    `train_summary.json` and report plots fill in what the model config alone does not know. The
-    values are computed here; the prose is `model_card_template.md` (Jinja).
+    `train_summary.json` and report plots fill in what the model config alone does not know;
+    `onnx_files` are the ONNX graphs pushed with the model (`mtnlp export`), which the card says
+    how to run. `license` and `language` replace the run's (its flags, or its encoder's card).
+    The values are computed here; the prose is `model_card_template.md` (Jinja).
     """
     cards = read_cards(run_dir)
     results = read_json(run_dir / EVAL_RESULTS) if run_dir else {}
     summary = read_json(run_dir / SUMMARY) if run_dir else {}
-    base = summary.get("args", {}).get("model")
+    args = summary.get("args", {})
+    base = args.get("model")
     name = repo_id.split("/")[-1]
     origin, source = _encoder_origin(base)
     card = ModelCard.from_template(
-        card_metadata(config, name, cards, results, base),
+        card_metadata(
+            config,
+            name,
+            cards,
+            results,
+            args.get("base_model") or base,  # the Hub model a local encoder came from
+            license=license or args.get("license"),
+            language=language or args.get("language"),
+        ),
         template_path=str(TEMPLATE),
         title=name,
         repo_id=repo_id,
@@ -222,6 +328,7 @@ def model_card(config: MultiTaskConfig, repo_id: str, run_dir: Path | None = Non
         plots=[
             (title, path) for title, path in PLOTS.items() if run_dir and (run_dir / path).is_file()
         ],
+        onnx_files=list(onnx_files),
         **_usage_values(config),
     )
     # parse the metadata back (a malformed card fails here); Jinja drops the last newline

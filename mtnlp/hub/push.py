@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 from huggingface_hub import (
@@ -24,7 +25,8 @@ from transformers import PreTrainedTokenizerBase
 
 from mtnlp.artifacts.report import REPORT
 from mtnlp.artifacts.run_folder import TRAIN_LOG, artifact_files
-from mtnlp.hub.card import LIBRARY_NAME, model_card
+from mtnlp.hub.card import LIBRARY_NAME, check_languages, check_license, model_card
+from mtnlp.modeling.config import MultiTaskConfig
 from mtnlp.modeling.loading import check_weight_files, read_config
 from mtnlp.modeling.model import LABEL_MAPS, MultiTaskModel, is_companion_file
 from mtnlp.utils.errors import UserError, first_line
@@ -59,15 +61,40 @@ def _files(folder: Path, run_dir: Path) -> dict[str, Path]:
     return files
 
 
+# what must match between a model and an ONNX export pushed with it
+ENCODER_SHAPE = ("model_type", "vocab_size", "hidden_size", "num_hidden_layers")
+
+
+def _onnx_files(folder: Path, config: MultiTaskConfig) -> dict[str, Path]:
+    """The files of an `mtnlp export` folder of this model (its graphs, their metadata, and the
+    config, tokenizer and cards the model folder has too)."""
+    if not folder.is_dir() or not any(folder.glob("*.onnx")):
+        raise UserError(f"--onnx: {folder}: no *.onnx graph (give an `mtnlp export` folder)")
+    exported = read_config(folder)
+
+    def shape(of: MultiTaskConfig) -> tuple:
+        return of.tasks, of.sharing, [getattr(of.encoder, key, None) for key in ENCODER_SHAPE]
+
+    if shape(exported) != shape(config):
+        raise UserError(
+            f"--onnx: {folder}: an export of another model (its config.json has other tasks, "
+            "sharing or encoder)"
+        )
+    return artifact_files(folder)
+
+
 def push_to_hub(
     model: MultiTaskModel | str | Path,
     repo_id: str,
     *,
     tokenizer: PreTrainedTokenizerBase | None = None,
     run_dir: str | Path | None = None,
+    onnx_dir: str | Path | None = None,
     private: bool | None = None,
     token: str | bool | None = None,
     commit_message: str = "Upload mtnlp multi-task model",
+    license: str | None = None,
+    language: Sequence[str] | None = None,
 ) -> CommitInfo | None:
     """Push a model folder (`model` as a path, e.g. a training `--output-dir`), or a model object
     with its `tokenizer`, in one commit with a generated model card. Returns the commit; None on
@@ -75,12 +102,19 @@ def push_to_hub(
 
     The card, cards, metrics and report come from `run_dir` when given, else from the model's own
     folder (a model object's: the companion files it was loaded with). The model's weights, config
-    and tokenizer always come from `model`; `run_dir` only adds the files it lacks."""
+    and tokenizer always come from `model`; `run_dir` only adds the files it lacks.
+
+    `onnx_dir`, an `mtnlp export` folder of the model, adds its ONNX graphs (`model.onnx`,
+    `model.int8.onnx`) and their metadata at the top of the repository, beside the PyTorch
+    weights, and the model card says how to run them (`MultiTaskPipeline.from_onnx(repo_id)`).
+    `license` and `language` (Hub ids) go into the card's metadata instead of the run's."""
     from accelerate import PartialState
 
     if not PartialState().is_main_process:
         return None
     check_repo_id(repo_id)
+    check_license(license, "--license")
+    check_languages(language, "--language")
     with tempfile.TemporaryDirectory() as staging:
         if isinstance(model, (str, Path)):
             folder = Path(model)
@@ -95,12 +129,18 @@ def push_to_hub(
         if not run_dir.is_dir():
             raise UserError(f"{run_dir}: no such run folder")
         files = _files(folder, run_dir)
+        if onnx_dir is not None:  # the export's own files: what the model folder lacks
+            exported = _onnx_files(Path(onnx_dir), config)
+            files.update({path: file for path, file in exported.items() if path not in files})
+        graphs = sorted(path for path in files if path.endswith(".onnx"))
         api = HfApi(library_name=LIBRARY_NAME)
         try:
             # the full id (a bare name gets the user's namespace) is the one the card shows
             repo_id = api.create_repo(repo_id, private=private, token=token, exist_ok=True).repo_id
             generated = {
-                "README.md": model_card(config, repo_id, run_dir),
+                "README.md": model_card(
+                    config, repo_id, run_dir, onnx_files=graphs, license=license, language=language
+                ),
                 LABEL_MAPS: json.dumps(config.label_maps(), indent=2) + "\n",
             }
             operations = [

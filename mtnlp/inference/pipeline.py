@@ -7,21 +7,25 @@ whitespace-split words (as in training). Each task reads its input as training t
 truncated to the `max_length` of its card (stored in the model config). Tasks share a pass
 whenever their tokenizations give the same token ids: tagging and sentence tasks do with WordPiece
 tokenizers, and tasks with different `max_length`s do for a batch that neither truncates.
+
+`MultiTaskPipeline.from_onnx(folder)` runs the same steps on the ONNX graph of `mtnlp export`
+(ONNX Runtime, CPU; `inference/onnx.py`): same inputs, same results.
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from mtnlp.inference.onnx import INT8_FILE, ONNX_FILE, OnnxModel, load_onnx
 from mtnlp.modeling.heads import HEADS
-from mtnlp.modeling.model import MultiTaskModel
+from mtnlp.modeling.model import MultiTaskModel, eval_mode
 from mtnlp.utils.errors import UserError
 
 Input = str | tuple[str, str] | dict[str, str]
@@ -70,7 +74,9 @@ def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
     return DTYPES[dtype]
 
 
-def resolve_device(device: str | torch.device | None, model: MultiTaskModel) -> torch.device:
+def resolve_device(
+    device: str | torch.device | None, model: MultiTaskModel | OnnxModel
+) -> torch.device:
     """`device` (default: where the model is); a CUDA device on a machine without one is a
     `UserError`."""
     if device is None:
@@ -82,19 +88,6 @@ def resolve_device(device: str | torch.device | None, model: MultiTaskModel) -> 
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"device: {device}: no CUDA device on this machine")
     return device
-
-
-@contextmanager
-def eval_mode(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
-    """`model` in eval mode (no dropout) inside the block; afterwards every module is back in the
-    mode it had (the training loop's model trains on, a caller's model stays as it was)."""
-    modes = [(module, module.training) for module in model.modules()]
-    model.eval()
-    try:
-        yield model
-    finally:
-        for module, training in modes:
-            module.training = training
 
 
 def is_iob(labels: Sequence[str]) -> bool:
@@ -156,12 +149,13 @@ class MultiTaskPipeline:
     The pipeline runs the model in eval mode without changing the caller's model: a `dtype`
     other than the model's converts a copy (`self.model`; the model given stays as it was, so
     converting in place first, `model.to(dtype=...)`, saves that copy's memory). `device` moves
-    the model itself, as transformers' pipelines do.
+    the model itself, as transformers' pipelines do. `from_onnx` builds the pipeline on an ONNX
+    graph instead (`self.model` is then an `OnnxModel`).
     """
 
     def __init__(
         self,
-        model: MultiTaskModel,
+        model: MultiTaskModel | OnnxModel,
         tokenizer: PreTrainedTokenizerBase,
         device: str | torch.device | None = None,
         dtype: str | torch.dtype | None = None,
@@ -171,6 +165,11 @@ class MultiTaskPipeline:
         if batch_size <= 0:
             raise UserError("batch_size: must be positive")
         self.device = resolve_device(device, model)
+        if isinstance(model, OnnxModel) and (dtype is not None or self.device.type != "cpu"):
+            raise UserError(
+                f"dtype, device: {model.path} runs on the CPU in the precision it was exported "
+                f"in (int8: the {INT8_FILE} of `mtnlp export --quantize int8`)"
+            )
         dtype = resolve_dtype(dtype)
         if dtype is not None and dtype != model.dtype:
             model = copy.deepcopy(model).to(dtype=dtype)  # the caller's model stays as it was
@@ -180,6 +179,23 @@ class MultiTaskPipeline:
         positions = getattr(model.config.encoder, "max_position_embeddings", 512)
         self.longest = min(tokenizer.model_max_length, positions)  # what the encoder can read
         self.max_length = max_length
+
+    @classmethod
+    def from_onnx(
+        cls,
+        folder: str | Path,
+        *,
+        file: str = ONNX_FILE,
+        batch_size: int = 32,
+        max_length: int | None = None,
+        threads: int | None = None,
+    ) -> MultiTaskPipeline:
+        """The pipeline on the ONNX graph `file` (`model.onnx`, or `model.int8.onnx`) of an
+        `mtnlp export` folder, or of a model folder or Hub id that holds one: ONNX Runtime on the
+        CPU with `threads` intra-op threads (default: one per core), no PyTorch weights. Needs
+        `pip install 'mtnlp[onnx]'`."""
+        model, tokenizer = load_onnx(folder, file, threads)
+        return cls(model, tokenizer, batch_size=batch_size, max_length=max_length)
 
     @property
     def tasks(self) -> list[str]:

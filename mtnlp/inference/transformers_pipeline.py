@@ -20,19 +20,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from transformers import (
-    AutoModelForSequenceClassification,
-    AutoModelForTokenClassification,
-    Pipeline,
-)
+from transformers import Pipeline
 from transformers.pipelines import PIPELINE_REGISTRY
 
 from mtnlp.inference.pipeline import Example, Input, MultiTaskPipeline, as_example
-from mtnlp.modeling.config import MultiTaskConfig
+from mtnlp.modeling.auto import PIPELINE_TASK as TASK
 from mtnlp.modeling.model import MultiTaskModel
 from mtnlp.utils.errors import UserError
-
-TASK = "mtnlp-multi-task"
 
 
 class TransformersMultiTaskPipeline(Pipeline):
@@ -94,37 +88,11 @@ class TransformersMultiTaskPipeline(Pipeline):
         return model_outputs
 
 
-class _SingleTaskStandIn:
-    """What `AutoModelForSequenceClassification` / `AutoModelForTokenClassification` (and so
-    `pipeline("text-classification" | "token-classification" | "ner", model=folder)`) load for an
-    mtnlp model: a `UserError` that names the pipeline to use. (A `UserError` is not among the
-    errors after which transformers' pipeline tries other classes, so it is the one shown.)"""
-
-    config_class = MultiTaskConfig
-
-    @classmethod
-    def from_pretrained(cls, name: Any, *args: Any, config: Any = None, **kwargs: Any) -> None:
-        raise UserError(f"{name}: {cls.message(config)}")
-
-    @classmethod
-    def from_config(cls, config: Any, *args: Any, **kwargs: Any) -> None:
-        raise UserError(cls.message(config))
-
-    @staticmethod
-    def message(config: Any) -> str:
-        tasks = ", ".join(getattr(config, "task_names", None) or []) or "several tasks"
-        return (
-            f"an mtnlp multi-task model ({tasks}) has no single-task head class; use "
-            f'transformers.pipeline("{TASK}", model=...) or mtnlp.MultiTaskPipeline'
-        )
-
-
 def register() -> None:
-    """Make `transformers.pipeline("mtnlp-multi-task", model=...)` build this pipeline, and the
-    single-task Auto classes that text- and token-classification load point to it."""
+    """Make `transformers.pipeline("mtnlp-multi-task", model=...)` build this pipeline. (What
+    the text- and token-classification pipelines load for an mtnlp model points here:
+    `mtnlp.modeling.auto`.)"""
     if TASK not in PIPELINE_REGISTRY.supported_tasks:
         PIPELINE_REGISTRY.register_pipeline(
             TASK, pipeline_class=TransformersMultiTaskPipeline, pt_model=MultiTaskModel, type="text"
         )
-    for auto in (AutoModelForSequenceClassification, AutoModelForTokenClassification):
-        auto.register(MultiTaskConfig, _SingleTaskStandIn, exist_ok=True)

@@ -1,10 +1,10 @@
-"""`MultiTaskConfig` (the encoder's config plus one metadata dict per task) and
-`MultiTaskOutput`.
+"""`MultiTaskConfig` (the encoder's config plus one metadata dict per task), `MultiTaskOutput`
+and `TaskStates` (what one encoder pass gives each task).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from torch import Tensor
@@ -37,6 +37,13 @@ class MultiTaskConfig(PreTrainedConfig):
                 return task
         raise KeyError(f"no task {name!r} in this model; tasks: {', '.join(self.task_names)}")
 
+    def get_text_config(self, decoder: bool | None = None, encoder: bool | None = None):
+        """The encoder's config: the text settings transformers reads or updates (`vocab_size` in
+        `resize_token_embeddings`, `initializer_range`, ...) are the encoder's."""
+        if isinstance(self.encoder, PreTrainedConfig):
+            return self.encoder
+        return super().get_text_config(decoder=decoder, encoder=encoder)
+
     def label_maps(self) -> dict[str, dict[str, dict]]:
         """Per task with label names: `id2label` and `label2id` (what `label_maps.json` holds, for
         readers that do not use mtnlp)."""
@@ -52,9 +59,26 @@ class MultiTaskConfig(PreTrainedConfig):
 
 @dataclass
 class MultiTaskOutput(ModelOutput):
-    """Output of one task: `loss` (when labels are given) and `logits`."""
+    """Output of one task: `loss` (when labels are given) and `logits`; with
+    `output_hidden_states=True` / `output_attentions=True`, the hidden states (embeddings first)
+    and attention weights of the encoder layers on the way to the layer the task's head reads."""
 
     loss: Tensor | None = None
     logits: Tensor | None = None
+    hidden_states: tuple[Tensor, ...] | None = None
+    attentions: tuple[Tensor, ...] | None = None
     # the run's penalties of this training pass (regularizers.py), set by a forward hook
     regularization: Tensor | None = None
+
+
+@dataclass
+class TaskStates:
+    """One encoder pass, per task that reads the encoder: `states`, what its head (or task layer)
+    reads; `hidden_states`, the hidden states on the way there (embeddings, then each layer up to
+    the one it reads; a column task's top layers are its column's); `attentions`, those layers'
+    attention weights (only when asked for, and only from attention implementations that give
+    them, e.g. `eager`)."""
+
+    states: dict[str, Tensor]
+    hidden_states: dict[str, tuple[Tensor, ...]] = field(default_factory=dict)
+    attentions: dict[str, tuple[Tensor, ...]] = field(default_factory=dict)

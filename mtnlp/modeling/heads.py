@@ -25,6 +25,8 @@ class TaskHead(nn.Module):
 
     needs_labels: ClassVar[bool] = True  # the card must list label names
     token_level: ClassVar[bool] = False  # one prediction per token rather than per input
+    # transformers' `config.problem_type` of the head's task (its plain transformers export)
+    problem_type: ClassVar[str | None] = None
 
     def __init__(self, task: dict[str, Any], hidden_size: int) -> None:
         super().__init__()
@@ -39,6 +41,13 @@ class TaskHead(nn.Module):
     def decode(self, logits: Tensor) -> Tensor:
         """Predictions from logits: class ids, values or tag ids."""
         raise NotImplementedError
+
+    def plain_layers(self) -> list[nn.Linear]:
+        """The head's linear layers in the order they apply, for a plain transformers head to hold
+        (`MultiTaskModel.task_model`: transformers' sequence classification heads read the first
+        token, its token classification heads every token); a `ValueError` saying why when no
+        such head computes what this one does."""
+        raise ValueError(f"a {type(self).__name__} has no plain transformers counterpart")
 
 
 class PooledHead(TaskHead):
@@ -65,6 +74,14 @@ class PooledHead(TaskHead):
         mask = attention_mask.unsqueeze(-1).to(hidden.dtype)  # (batch, tokens, 1)
         return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
 
+    def plain_layers(self) -> list[nn.Linear]:
+        if self.pooling != "cls":
+            raise ValueError(
+                f"its head pools the tokens by {self.pooling} (head.pooling), while transformers' "
+                "sequence classification heads read the first token"
+            )
+        return [self.dense, self.out] if self.dense is not None else [self.out]
+
     def project(self, hidden: Tensor, attention_mask: Tensor) -> Tensor:
         x = self.dropout(self.pool(hidden, attention_mask))
         if self.dense is not None:
@@ -75,6 +92,8 @@ class PooledHead(TaskHead):
 @HEADS.register("classification")
 class ClassificationHead(PooledHead):
     """Single-label classification of a sentence or sentence pair (cross-entropy)."""
+
+    problem_type = "single_label_classification"
 
     @staticmethod
     def outputs(task: dict[str, Any]) -> int:
@@ -96,6 +115,7 @@ class RegressionHead(PooledHead):
     """A real-valued score for a sentence or pair, e.g. STS-B similarity (mean squared error)."""
 
     needs_labels = False
+    problem_type = "regression"
 
     @staticmethod
     def outputs(task: dict[str, Any]) -> int:
@@ -139,3 +159,6 @@ class TaggingHead(TaskHead):
 
     def decode(self, logits: Tensor) -> Tensor:
         return logits.argmax(-1)
+
+    def plain_layers(self) -> list[nn.Linear]:
+        return [self.out]

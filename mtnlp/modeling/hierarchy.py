@@ -29,6 +29,16 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 from mtnlp.utils.errors import UserError
 from mtnlp.utils.registry import Registry
 
+try:
+    from transformers.utils.output_capturing import (
+        maybe_install_capturing_hooks as install_recording_hooks,
+    )
+except ImportError:  # transformers releases that hook the modules anew on every call
+
+    def install_recording_hooks(model: nn.Module) -> None:
+        pass
+
+
 TASK_LAYERS: Registry[type[nn.Module]] = Registry("task layer type")
 
 
@@ -113,6 +123,9 @@ def truncated_encoder(encoder: nn.Module, depth: int) -> Iterator[None]:
         yield
         return
     name, layers = found
+    # transformers records hidden states and attentions through hooks that it installs once, on
+    # the modules in place at the first call that asks for them: install them on every layer
+    install_recording_hooks(encoder)
     parent_name, _, attribute = name.rpartition(".")
     parent = encoder.get_submodule(parent_name)
     setattr(parent, attribute, nn.ModuleList(list(layers)[:depth]))

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from fnmatch import fnmatchcase
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -27,7 +29,8 @@ from transformers import (
     PreTrainedModel,
 )
 
-from mtnlp.modeling.config import MultiTaskConfig, MultiTaskOutput
+from mtnlp.modeling.auto import PIPELINE_TASK
+from mtnlp.modeling.config import MultiTaskConfig, MultiTaskOutput, TaskStates
 from mtnlp.modeling.heads import HEADS
 from mtnlp.modeling.hierarchy import (
     build_task_layers,
@@ -42,6 +45,7 @@ from mtnlp.modeling.loading import (
     quiet_load_report,
 )
 from mtnlp.modeling.sharing import build_sharing, resolve_sharing
+from mtnlp.modeling.single_task import check_same_logits, probe_inputs, single_task_model
 from mtnlp.utils.errors import UserError
 
 LABEL_MAPS = "label_maps.json"
@@ -74,6 +78,19 @@ def read_companion_files(folder: Path) -> dict[str, bytes]:
             if path.is_file():
                 files[path.relative_to(folder).as_posix()] = path.read_bytes()
     return files
+
+
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """`model` in eval mode (no dropout) inside the block; afterwards every module is back in the
+    mode it had (the training loop's model trains on, a caller's model stays as it was)."""
+    modes = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for module, training in modes:
+            module.training = training
 
 
 class MultiTaskModel(PreTrainedModel):
@@ -302,6 +319,28 @@ class MultiTaskModel(PreTrainedModel):
         hard sharing and cross-stitch)."""
         return self.sharing.regularization_loss()
 
+    # ---------------------------------------------------------------- transformers' model API
+    def get_input_embeddings(self) -> nn.Module:
+        """The encoder's token embeddings (shared by every task)."""
+        return self.encoder.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.encoder.set_input_embeddings(value)
+
+    def task_model(self, task: str) -> PreTrainedModel:
+        """A plain transformers model of one task, with this model's weights, that any
+        transformers client loads: the `AutoModelForSequenceClassification` (classification,
+        regression) or `AutoModelForTokenClassification` (tagging) class of the encoder's config,
+        with the task's `id2label` / `label2id`, in eval mode. Its logits are this model's
+        (checked on a probe batch). A `UserError` says why when the task's head or layout has no
+        plain counterpart (mean pooling, JMT task layers, mixing columns, ...)."""
+        plain = single_task_model(self, task)
+        probe = probe_inputs(self.config.encoder, self.device)
+        with eval_mode(self), torch.no_grad():
+            expected = self(task=task, **probe).logits
+        check_same_logits(task, plain, probe, expected)
+        return plain
+
     # ---------------------------------------------------------------- forward
     def layer_index(self, task: str) -> int:
         """Index into the encoder's hidden states (0 = embeddings, L = last layer)."""
@@ -330,21 +369,42 @@ class MultiTaskModel(PreTrainedModel):
         """Run the encoder once, only as deep as the deepest layer that `tasks` and the tasks they
         stack on read (low supervision: layers above it get no work and no gradient); return, per
         task that reads the encoder, the hidden states of its layer."""
+        return self._encode(tasks, inputs).states
+
+    def _encode(
+        self,
+        tasks: list[str],
+        inputs: dict[str, Tensor],
+        hidden_states: bool = False,
+        attentions: bool = False,
+    ) -> TaskStates:
+        """`encode`, with each task's hidden states on the way to its layer (with
+        `hidden_states`) and the attention weights of those layers (with `attentions`)."""
         layers = {
             task: self.layer_index(task)
             for task in self.task_order(tasks)
             if reads_encoder(self.config.task(task))
         }
         if self.sharing.columns:  # per-task top layers (soft, cross_stitch, sluice)
-            return self.sharing.encode(self.encoder, layers, inputs)
+            return self.sharing.encode(self.encoder, layers, inputs, attentions)
         depth = max(layers.values())
-        need_all = any(index != depth for index in layers.values())
+        need_all = hidden_states or any(index != depth for index in layers.values())
         with truncated_encoder(self.encoder, depth):
-            outputs = self.encoder(**inputs, output_hidden_states=need_all, return_dict=True)
-        return {
-            task: outputs.last_hidden_state if index == depth else outputs.hidden_states[index]
-            for task, index in layers.items()
-        }
+            outputs = self.encoder(
+                **inputs,
+                output_hidden_states=need_all,
+                output_attentions=attentions,
+                return_dict=True,
+            )
+        hidden, weights = outputs.hidden_states or (), outputs.attentions or ()
+        return TaskStates(
+            states={
+                task: outputs.last_hidden_state if index == depth else hidden[index]
+                for task, index in layers.items()
+            },
+            hidden_states={task: hidden[: index + 1] for task, index in layers.items()},
+            attentions={task: weights[:index] for task, index in layers.items()},
+        )
 
     def forward(
         self,
@@ -353,15 +413,33 @@ class MultiTaskModel(PreTrainedModel):
         token_type_ids: Tensor | None = None,
         labels: Tensor | None = None,
         task: str | None = None,
+        *,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
         **kwargs: Any,
-    ) -> MultiTaskOutput:
-        """Logits (and loss when `labels` is given) of one task."""
+    ) -> MultiTaskOutput | tuple[Tensor, ...]:
+        """Logits (and loss when `labels` is given) of one task. Other keyword arguments
+        (`inputs_embeds`, `position_ids`, ...) go to the encoder; `output_hidden_states`,
+        `output_attentions` and `return_dict` work as in transformers' models (default: the
+        config's)."""
         if task is None:
             raise ValueError(
-                f"pass task=...; this model's tasks: {', '.join(self.config.task_names)}"
+                f"pass task=... (this model's tasks: {', '.join(self.config.task_names)}); to "
+                f'predict raw text, use mtnlp.MultiTaskPipeline or transformers.pipeline("'
+                f'{PIPELINE_TASK}", model=...); for a plain transformers model of one task, '
+                "model.task_model(task)"
             )
         return self.forward_tasks(
-            [task], input_ids, attention_mask, token_type_ids, {task: labels}, **kwargs
+            [task],
+            input_ids,
+            attention_mask,
+            token_type_ids,
+            {task: labels},
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            return_dict=return_dict,
+            **kwargs,
         )[task]
 
     def forward_tasks(
@@ -371,25 +449,57 @@ class MultiTaskModel(PreTrainedModel):
         attention_mask: Tensor | None = None,
         token_type_ids: Tensor | None = None,
         labels: dict[str, Tensor | None] | None = None,
+        *,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
         **kwargs: Any,
-    ) -> dict[str, MultiTaskOutput]:
-        """Several tasks on the same inputs with one encoder pass."""
+    ) -> dict[str, MultiTaskOutput | tuple[Tensor, ...]]:
+        """Several tasks on the same inputs with one encoder pass (each task's output as
+        `forward` gives it)."""
+        config = self.config
+        attentions = config.output_attentions if output_attentions is None else output_attentions
+        hidden_states = (
+            config.output_hidden_states if output_hidden_states is None else output_hidden_states
+        )
         inputs = {"input_ids": input_ids, "attention_mask": attention_mask, **kwargs}
         if token_type_ids is not None:
             inputs["token_type_ids"] = token_type_ids
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        hidden = self.encode(tasks, **inputs)
+        if attention_mask is None:  # every token counts
+            given = input_ids if input_ids is not None else kwargs.get("inputs_embeds")
+            if given is None:
+                raise ValueError("pass input_ids or inputs_embeds")
+            attention_mask = torch.ones(given.shape[:2], dtype=torch.long, device=given.device)
+        encoded = self._encode(tasks, inputs, bool(hidden_states), bool(attentions))
         labels = labels or {}
         states: dict[str, Tensor] = {}
         logits: dict[str, Tensor] = {}
         losses: dict[str, Tensor | None] = {}
         for task in self.task_order(tasks):  # a stacked task after the tasks below it
-            states[task] = self._task_states(task, hidden, states, logits, attention_mask)
+            states[task] = self._task_states(task, encoded.states, states, logits, attention_mask)
             logits[task], losses[task] = self.heads[task](
                 states[task], attention_mask, labels.get(task) if task in tasks else None
             )
-        return {task: MultiTaskOutput(loss=losses[task], logits=logits[task]) for task in tasks}
+        as_dict = config.return_dict if return_dict is None else return_dict
+        outputs = {}
+        for task in tasks:
+            source = self._encoder_reader(task)
+            output = MultiTaskOutput(
+                loss=losses[task],
+                logits=logits[task],
+                hidden_states=encoded.hidden_states[source] if hidden_states else None,
+                attentions=encoded.attentions[source] if attentions else None,
+            )
+            outputs[task] = output if as_dict else output.to_tuple()
+        return outputs
+
+    def _encoder_reader(self, task: str) -> str:
+        """`task`, or for a stacked task that reads no encoder states, the nearest task below it
+        that does (whose hidden states it builds on)."""
+        spec = self.config.task(task)
+        while not reads_encoder(spec):
+            spec = self.config.task(spec["stack_on"])
+        return spec["name"]
 
     def _task_states(
         self,

@@ -139,7 +139,7 @@ class TrainArguments:
         default="proportional",
         metadata=_help(
             "which task each micro-batch trains: sequential, round_robin, proportional, uniform, "
-            "temperature, annealed, specified (see README)"
+            "temperature, annealed, specified (see docs/sampling.md)"
         ),
     )
     temperature: PositiveNumber = field(
@@ -151,7 +151,7 @@ class TrainArguments:
     )
     weighting: str = field(
         default="static",
-        metadata=_help("loss weighting: static, uncertainty, dwa, pcgrad (see README)"),
+        metadata=_help("loss weighting: static, uncertainty, dwa, pcgrad (see docs/sampling.md)"),
     )
     weighting_learning_rate: PositiveNumber | None = field(
         default=None,
@@ -171,7 +171,7 @@ class TrainArguments:
         default="hard",
         metadata=_help(
             "parameter sharing: hard (one encoder), soft, cross_stitch or sluice (per-task top "
-            "layers; see README)"
+            "layers; see docs/sharing.md)"
         ),
     )
     sharing_layers: PositiveInt = field(
@@ -264,6 +264,18 @@ class TrainArguments:
         default=None, metadata=_help("Hub repository to push to, e.g. your-name/glue-mt")
     )
     hub_private: bool = field(default=False, metadata=_help("create the Hub repository as private"))
+    license: str | None = field(
+        default=None,
+        metadata=_help(
+            "the model card's license, a Hub id such as apache-2.0 (default: the encoder's)"
+        ),
+    )
+    language: Paths | None = field(
+        default=None,
+        metadata=_help(
+            "the model card's languages, ISO 639 codes (default: the encoder's)", nargs="+"
+        ),
+    )
 
     @model_validator(mode="wrap")
     @classmethod
@@ -279,6 +291,10 @@ class TrainArguments:
     def __post_init__(self) -> None:  # after the values are checked
         self._check_sampling_and_weighting()
         sharing_from_args(self)  # an unknown strategy raises here, before any data loads
+        from mtnlp.hub.card import check_languages, check_license
+
+        check_license(self.license, "--license")  # the card's metadata fails now, not at the end
+        check_languages(self.language, "--language")
         if self.push_to_hub:  # a bad repository id fails now, not after training
             from mtnlp.hub.push import check_repo_id
 

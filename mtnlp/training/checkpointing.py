@@ -29,8 +29,10 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import DistributedType
 from accelerate.utils import load as load_state_file
-from torch import nn
+from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
 from transformers import PreTrainedTokenizerBase
 
 from mtnlp.artifacts.run_folder import (
@@ -50,6 +52,9 @@ logger = logging.getLogger(__name__)
 
 STATE_FILE = "custom_checkpoint_{index}.pkl"  # accelerate's name for registered objects
 RNG_FILE = "random_states_{process}.pkl"
+# the model in an FSDP checkpoint, as accelerate writes it: sharded (`fsdp_state_dict_type:
+# SHARDED_STATE_DICT`, torch.distributed.checkpoint's folder) or whole (`FULL_STATE_DICT`)
+FSDP_WEIGHTS = ("pytorch_model_fsdp_0", "pytorch_model_fsdp.bin")
 
 
 # model metadata that may change between a checkpoint and its resumed run
@@ -90,12 +95,32 @@ def resolve_checkpoint(spec: str | None, output_dir: Path) -> Path | None:
     path = Path(spec)
     if not path.is_dir():
         raise UserError(f"--resume-from-checkpoint: {spec}: no such folder")
-    if not (path / CHECKPOINT_META).is_file() or not (path / MODEL_FILE).is_file():
+    if not (path / CHECKPOINT_META).is_file() or model_weights(path) is None:
         raise UserError(
             f"--resume-from-checkpoint: {spec}: not a checkpoint folder (no {CHECKPOINT_META} "
             f"or {MODEL_FILE}); give a checkpoint-<step> folder or 'latest'"
         )
     return path
+
+
+def model_weights(checkpoint: Path) -> str | None:
+    """The name of the checkpoint's model weights: `MODEL_FILE`, or FSDP's layout; None if it
+    has none."""
+    names = [MODEL_FILE, *FSDP_WEIGHTS]
+    return next((name for name in names if (checkpoint / name).exists()), None)
+
+
+def check_engine(checkpoint: Path, accelerator: Accelerator) -> None:
+    """A checkpoint resumes under the engine that wrote it: FSDP's sharded weights only under
+    FSDP, whole ones only without it."""
+    written_by_fsdp = model_weights(checkpoint) in FSDP_WEIGHTS
+    fsdp = accelerator.distributed_type == DistributedType.FSDP
+    if written_by_fsdp != fsdp:
+        way = "under FSDP" if written_by_fsdp else "without FSDP"
+        raise UserError(
+            f"--resume-from-checkpoint: {checkpoint}: written {way}; resume it with the accelerate "
+            "launch configuration it was written with (docs/distributed.md)"
+        )
 
 
 def _is_step(value: Any) -> bool:
@@ -178,15 +203,52 @@ def check_tasks(checkpoint: Path, specs: Sequence[dict[str, Any]]) -> None:
 
 
 def check_finite(step: int, *modules: nn.Module) -> None:
-    """Refuse to go on with NaN/inf weights: they must never reach a checkpoint or the output."""
+    """Refuse to go on with NaN/inf weights: they must never reach a checkpoint or the output.
+    Under FSDP each process checks its shard of the weights."""
     parameters = [(name, p) for module in modules for name, p in module.named_parameters()]
-    finite = torch.stack([torch.isfinite(p.detach()).all() for _, p in parameters])
+    finite = torch.stack([torch.isfinite(_local(p.detach())).all() for _, p in parameters])
     if not bool(finite.all()):
         name = parameters[int((~finite).nonzero()[0])][0]
         raise UserError(
             f"step {step}: the weights are no longer finite ({name} holds NaN/inf); nothing was "
             "saved. Lower --learning-rate or resume from an earlier checkpoint"
         )
+
+
+def _local(tensor: Tensor) -> Tensor:
+    """This process's part of a tensor (its shard of an FSDP2 `DTensor`), or the tensor."""
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
+@torch.no_grad()
+def start_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
+    """Give every parameter the state AdamW creates at its first update (zeros, step 0), for
+    FSDP: torch.distributed.checkpoint loads a checkpoint into an optimizer whose every
+    parameter has state, so one saved before every head had a gradient would not load. The
+    run is unchanged: a parameter without a gradient is still skipped, and its first update
+    starts from the same zeros. (torch's own initialization, a step with zero gradients and
+    learning rate 0, leaves step 1, which would change AdamW's bias correction.)"""
+    fresh = [p for group in optimizer.param_groups for p in group["params"] if p.requires_grad]
+    fresh = [p for p in fresh if p not in optimizer.state]
+    for parameter in fresh:
+        parameter.grad = torch.zeros_like(parameter)
+    rates = [group["lr"] for group in optimizer.param_groups]
+    for group in optimizer.param_groups:
+        group["lr"] = 0.0  # the parameters stay as they are
+    optimizer.step()
+    for group, rate in zip(optimizer.param_groups, rates, strict=True):
+        group["lr"] = rate
+    for parameter in fresh:
+        parameter.grad = None
+        optimizer.state[parameter]["step"].zero_()
+
+
+def full_state_dict(accelerator: Accelerator, model: nn.Module) -> dict[str, Tensor] | None:
+    """The whole model's weights, gathered on the main process, when an engine shards them
+    (FSDP, DeepSpeed; every process must call this); None when the model holds them whole."""
+    if accelerator.distributed_type not in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        return None
+    return accelerator.get_state_dict(model)
 
 
 def save_checkpoint(
@@ -286,8 +348,10 @@ def load_checkpoint(
                 checkpoint, meta.get("num_processes"), accelerator.num_processes,
             )  # fmt: skip
         _warn_changed_flags(checkpoint, meta.get("args", {}), arguments or {})
+    check_engine(checkpoint, accelerator)
     try:
-        check_weight_files(checkpoint)  # a truncated file: its name, not the loader's traceback
+        if model_weights(checkpoint) == MODEL_FILE:  # FSDP's own files are torch's to check
+            check_weight_files(checkpoint)  # a truncated file: its name, not a traceback
     except UserError as error:
         raise UserError(f"--resume-from-checkpoint: {error}") from None
     # with another number of processes, the RNG states cannot match anyway (warned above)

@@ -21,7 +21,7 @@ from mtnlp.hub.card import write_model_card
 from mtnlp.hub.push import push_to_hub
 from mtnlp.training.args import TrainArguments
 from mtnlp.training.callbacks import Callback, CallbackList, Results, evaluate_run
-from mtnlp.training.checkpointing import check_finite, resume
+from mtnlp.training.checkpointing import check_finite, full_state_dict, resume
 from mtnlp.training.setup import build_run, default_callbacks, make_accelerator
 from mtnlp.training.state import Run
 from mtnlp.training.step import train_step
@@ -75,6 +75,7 @@ def finish(run: Run, results: Results) -> Results:
         "mixed_precision": accelerator.mixed_precision,
         "num_processes": accelerator.num_processes,
     }
+    weights = full_state_dict(accelerator, run.model)  # FSDP: gathered from every process
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         save_run(
@@ -85,6 +86,7 @@ def finish(run: Run, results: Results) -> Results:
             results,
             state.history,
             {"args": public_arguments(run.arguments), **summary},
+            state_dict=weights,
         )
         write_model_card(run.output_dir, run.publishing.hub_model_id)
         logger.info("saved to %s", run.output_dir)
@@ -93,5 +95,6 @@ def finish(run: Run, results: Results) -> Results:
                 run.output_dir, run.publishing.hub_model_id, private=run.publishing.private or None
             )
     accelerator.print(json.dumps({"eval": results, **summary}, indent=2))
-    accelerator.end_training()
+    for tracker in accelerator.trackers:  # not end_training(): a next stage (--finetune-each)
+        tracker.finish()  # still needs the process group; stages.run() ends it
     return results

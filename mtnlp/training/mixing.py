@@ -57,9 +57,19 @@ def build_task_sampler(
 
 
 def check_distributed(
-    accelerator: Accelerator, all_tasks: bool, weighting: LossWeighting, weighting_name: str
+    accelerator: Accelerator,
+    all_tasks: bool,
+    weighting: LossWeighting,
+    weighting_name: str,
+    *,
+    affinity: bool = False,
+    adversarial: bool = False,
+    successive: str | None = None,
 ) -> None:
-    """The all_tasks mode and learned loss weights sync gradients themselves: DDP only."""
+    """What needs whole weights in every process: the all_tasks mode and learned loss weights
+    (they sync gradients themselves), task affinity (lookahead steps on the model's weights),
+    the adversarial discriminator (trained outside the model) and successive regularization
+    (snapshots of the weights; `successive`: the card that asks for it): DDP only."""
     if accelerator.distributed_type not in ENGINE_TYPES:
         return
     engine = accelerator.distributed_type.value
@@ -67,6 +77,12 @@ def check_distributed(
         raise UserError(f"--batch-mode all_tasks: not supported with {engine} (use DDP)")
     if any(True for _ in weighting.parameters()):
         raise UserError(f"--weighting {weighting_name}: learned weights need DDP, not {engine}")
+    if affinity:
+        raise UserError(f"--affinity-every: task affinity needs DDP, not {engine}")
+    if adversarial:
+        raise UserError(f"--adversarial: the task discriminator needs DDP, not {engine}")
+    if successive:
+        raise UserError(f"{successive}: successive_regularization: needs DDP, not {engine}")
 
 
 class TaskStreams:

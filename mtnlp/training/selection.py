@@ -12,6 +12,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 from mtnlp.metrics import main_score
 
@@ -43,15 +44,30 @@ class BestCheckpoint:
             return False
         self.score = -math.inf if math.isnan(score) else score
         self.step, self.results = step, results
-        state = model.state_dict()
-        self.state = {name: value.detach().to("cpu", copy=True) for name, value in state.items()}
+        # whole weights (under FSDP every process gathers the shards), the same in every
+        # process, so the main process's checkpoint of this state resumes every process
+        self.state = {
+            name: (value.full_tensor() if isinstance(value, DTensor) else value)
+            .detach()
+            .to("cpu", copy=True)
+            for name, value in model.state_dict().items()
+        }
         return True
 
     def restore(self, model: nn.Module) -> dict[str, dict[str, float]]:
-        """Load the best weights into `model`; return their dev results."""
+        """Load the best weights into `model` (under FSDP, each process its shard); return their
+        dev results."""
         if self.state is None:
             raise RuntimeError("no checkpoint to restore: update() was never called")
-        model.load_state_dict(self.state)
+        weights = {
+            name: distribute_tensor(
+                self.state[name].to(value.device), value.device_mesh, value.placements
+            )
+            if isinstance(value, DTensor)
+            else self.state[name]
+            for name, value in model.state_dict().items()
+        }
+        model.load_state_dict(weights)
         return self.results
 
     def state_dict(self) -> dict[str, Any]:

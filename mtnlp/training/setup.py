@@ -8,14 +8,18 @@ that read `TrainArguments`: every component gets explicit values.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from accelerate import Accelerator
+from accelerate.state import PartialState
 from accelerate.utils import (
     DistributedDataParallelKwargs,
+    DistributedType,
+    FullyShardedDataParallelPlugin,
     GradientAccumulationPlugin,
     ProjectConfiguration,
     broadcast_object_list,
@@ -28,6 +32,7 @@ from mtnlp.cards.schema import TaskCard
 from mtnlp.data.loaders import make_dataloader
 from mtnlp.data.read import training_text
 from mtnlp.data.tokenize import TaskData, load_task
+from mtnlp.hub.card import encoder_metadata
 from mtnlp.metrics import main_metrics
 from mtnlp.modeling.loading import check_weight_files
 from mtnlp.modeling.model import MultiTaskModel
@@ -48,6 +53,7 @@ from mtnlp.training.checkpointing import (
     check_output_dir,
     check_tasks,
     resolve_checkpoint,
+    start_optimizer_state,
 )
 from mtnlp.training.mixing import TaskStreams, build_task_sampler, check_distributed, epoch_length
 from mtnlp.training.regularizers import RunRegularizers, SuccessiveRegularizer
@@ -166,16 +172,87 @@ def make_optimizer(
 
 def make_accelerator(args: TrainArguments) -> Accelerator:
     """The run's accelerator: gradient accumulation, DDP that tolerates heads without a gradient
-    (tasks absent from a step), the `--report-to` trackers logging under the output folder."""
+    (tasks absent from a step), the `--report-to` trackers logging under the output folder; the
+    engine `accelerate launch` asked for (`check_engine_device`, `fsdp_on_cpu`). accelerate's
+    configuration errors (a launch it cannot run) are one line."""
     output_dir = Path(args.output_dir)
-    return Accelerator(
-        gradient_accumulation_plugin=GradientAccumulationPlugin(
-            num_steps=args.gradient_accumulation_steps, sync_with_dataloader=False
-        ),
-        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
-        log_with=trackers(args.report_to),
-        project_config=ProjectConfiguration(str(output_dir), logging_dir=str(output_dir / LOGS)),
-    )
+    check_engine_device()
+    try:
+        accelerator = Accelerator(
+            # several processes on a machine without an accelerator: CPU and gloo (accelerate
+            # would otherwise start each process alone unless ACCELERATE_USE_CPU=1)
+            cpu=not torch.accelerator.is_available(),
+            gradient_accumulation_plugin=GradientAccumulationPlugin(
+                num_steps=args.gradient_accumulation_steps, sync_with_dataloader=False
+            ),
+            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+            log_with=trackers(args.report_to),
+            project_config=ProjectConfiguration(
+                str(output_dir), logging_dir=str(output_dir / LOGS)
+            ),
+        )
+    except (ValueError, RuntimeError, ImportError) as error:  # accelerate's configuration checks
+        raise UserError(f"accelerate: {first_line(error)}{_engine_hint()}") from None
+    if _requested("FSDP") and accelerator.distributed_type == DistributedType.MULTI_CPU:
+        fsdp_on_cpu(accelerator)
+    return accelerator
+
+
+CONFIGS = "recipes/accelerate/"  # the launch configurations docs/distributed.md explains
+
+
+def _requested(engine: str) -> bool:
+    """Whether `accelerate launch` asked for `engine` (FSDP, DEEPSPEED): its environment flag."""
+    return os.environ.get(f"ACCELERATE_USE_{engine}", "false").lower() == "true"
+
+
+def _engine_hint() -> str:
+    """Where an engine's launch mistake is explained: the CPU settings, or the guide."""
+    if _requested("FSDP") and not torch.accelerator.is_available():
+        return f" (on CPU, see {CONFIGS}fsdp_cpu.yaml)"
+    return " (see docs/distributed.md)" if _requested("FSDP") or _requested("DEEPSPEED") else ""
+
+
+def check_engine_device() -> None:
+    """DeepSpeed needs an accelerator: on CPU accelerate starts each process alone or falls back
+    to DDP without a word, so it is refused before anything starts."""
+    if _requested("DEEPSPEED") and not torch.accelerator.is_available():
+        raise UserError(
+            "accelerate launch: DeepSpeed needs GPUs, and this machine has none; on CPU, launch "
+            f"with DDP or FSDP ({CONFIGS}fsdp_cpu.yaml, docs/distributed.md)"
+        )
+
+
+def fsdp_on_cpu(accelerator: Accelerator) -> None:
+    """Turn an FSDP launch on CPU into FSDP: accelerate 1.x makes FSDP only of accelerator
+    processes, and runs CPU processes as DDP even when FSDP was asked for. torch's FSDP2
+    (`fully_shard`) shards over gloo, so the run's state becomes FSDP with the launch's
+    plugin, as accelerate would set it on GPUs."""
+    plugin = FullyShardedDataParallelPlugin()  # the launch's settings, from the environment
+    if plugin.fsdp_version != 2:
+        raise UserError(
+            f"accelerate launch: FSDP on CPU needs fsdp_version: 2 (FSDP1 wraps models on GPUs "
+            f"only), got {plugin.fsdp_version}; see {CONFIGS}fsdp_cpu.yaml"
+        )
+    state = accelerator.state  # one dict shared by every AcceleratorState
+    if state.mixed_precision != "no":
+        plugin.set_mixed_precision(state.mixed_precision)
+    state.fsdp_plugin = plugin
+    state.distributed_type = DistributedType.FSDP
+    PartialState._shared_state["distributed_type"] = DistributedType.FSDP  # as accelerate does
+
+
+def run_arguments(args: TrainArguments) -> dict[str, Any]:
+    """The run's flags as its checkpoints and summary record them, with what its model card
+    takes from the encoder's (`hub.card.encoder_metadata`): `base_model`, and the license and
+    languages where the flags give none."""
+    encoder = encoder_metadata(args.model)
+    return {
+        **vars(args),
+        "license": args.license or encoder.get("license"),
+        "language": args.language or encoder.get("language"),
+        "base_model": encoder.get("base_model"),
+    }
 
 
 def tracker_config(args: TrainArguments) -> dict[str, Any]:
@@ -202,7 +279,15 @@ def build_run(args: TrainArguments, cards: Sequence[TaskCard], accelerator: Acce
         dwa_temperature=args.dwa_temperature,
         seed=args.seed,
     )
-    check_distributed(accelerator, args.batch_mode == "all_tasks", weighting, args.weighting)
+    check_distributed(
+        accelerator,
+        args.batch_mode == "all_tasks",
+        weighting,
+        args.weighting,
+        affinity=bool(args.affinity_every) and len(cards) > 1,
+        adversarial=args.adversarial > 0,
+        successive=next((c.where for c in cards if c.successive_regularization > 0), None),
+    )
     train_loaders, eval_loaders = make_loaders(args, cards, data, tokenizer)
     schedule, sampler = make_schedule(args, cards, train_loaders, accelerator.num_processes)
     optimizer = make_optimizer(model, weighting, args, accelerator.device)
@@ -218,7 +303,12 @@ def build_run(args: TrainArguments, cards: Sequence[TaskCard], accelerator: Acce
         num_training_steps=schedule.total_steps,
     )
     weighting.to(accelerator.device)
-    model, optimizer = accelerator.prepare(model, optimizer)
+    try:
+        model, optimizer = accelerator.prepare(model, optimizer)
+    except ValueError as error:  # accelerate's checks of the launch's settings against the model
+        raise UserError(f"accelerate: {first_line(error)}{_engine_hint()}") from None
+    if accelerator.distributed_type == DistributedType.FSDP:
+        start_optimizer_state(optimizer.optimizer)  # so that every checkpoint loads
     # JMT successive regularization (Hashimoto et al. 2017); a no-op when every delta is 0
     successive = SuccessiveRegularizer(
         accelerator.unwrap_model(model),
@@ -262,7 +352,7 @@ def build_run(args: TrainArguments, cards: Sequence[TaskCard], accelerator: Acce
         specs=specs,
         resume_from=resume,
         overwrite_output_dir=args.overwrite_output_dir,
-        arguments=vars(args),
+        arguments=run_arguments(args),
         publishing=Publishing(args.hub_model_id, args.push_to_hub, args.hub_private),
     )
 

@@ -88,10 +88,20 @@ def markdown_table(table: dict[str, dict[str, dict[str, float]]]) -> str:
 def run(args: TrainArguments, default_cards: Sequence[str | Path] = ()) -> Results:
     """Load the cards named by the arguments (or the defaults) and train; with
     `--finetune-each`, then fine-tune each task alone from the result (MT-DNN's two stages) and
-    push the multi-task model once, after both stages (`--push-to-hub`)."""
+    push the multi-task model once, after both stages (`--push-to-hub`). The process group of a
+    multi-process launch is ended once, after the last stage."""
     cards = load_cards(args.cards or default_cards, args.task_list)
-    if not args.finetune_each:
-        return train(args, cards)
+    try:
+        if not args.finetune_each:
+            return train(args, cards)
+        return both_stages(args, cards)
+    finally:
+        if PartialState._shared_state:  # accelerate's state exists: a stage has started
+            PartialState().destroy_process_group()
+
+
+def both_stages(args: TrainArguments, cards: Sequence[TaskCard]) -> Results:
+    """The multi-task stage, then each task fine-tuned alone; one push after both."""
     results = train(dataclasses.replace(args, push_to_hub=False), cards)
     # the fine-tuning runs read the multi-task model from the folder and write their table
     # into it: hold its lock (train() has set up accelerate's process state)

@@ -7,11 +7,13 @@ whose message names the file, line or field at fault (see DESIGN: "Errors are fo
 from __future__ import annotations
 
 import functools
+import os
 import sys
 from collections.abc import Callable
 from typing import NoReturn, TypeVar
 
 USER_ERROR_EXIT_CODE = 2
+BROKEN_PIPE_EXIT_CODE = 141  # 128 + SIGPIPE, what a shell reports for a killed writer
 
 
 F = TypeVar("F", bound=Callable[..., object])
@@ -38,7 +40,9 @@ def first_line(error: BaseException) -> str:
 
 
 def exit_on_user_error(main: F) -> F:
-    """Decorate a command-line entry point: a `UserError` prints `error: <message>` and exits 2."""
+    """Decorate a command-line entry point: a `UserError` prints `error: <message>` and exits 2;
+    a reader that closes the pipe early (`mtnlp predict ... | head`) ends it quietly, as in
+    Python's own advice for SIGPIPE."""
 
     @functools.wraps(main)
     def wrapper(*args, **kwargs):
@@ -48,5 +52,9 @@ def exit_on_user_error(main: F) -> F:
             for line in str(error).splitlines():  # several problems: one line each
                 print(f"error: {line}", file=sys.stderr)
             sys.exit(USER_ERROR_EXIT_CODE)
+        except BrokenPipeError:
+            # Python flushes stdout again at exit: point it at devnull so that flush is silent.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            sys.exit(BROKEN_PIPE_EXIT_CODE)
 
     return wrapper  # type: ignore[return-value]

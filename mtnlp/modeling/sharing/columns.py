@@ -4,6 +4,8 @@ cross-stitch, sluice), and their penalties."""
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
@@ -11,6 +13,7 @@ import torch
 from torch import Tensor, nn
 from transformers.masking_utils import create_bidirectional_mask
 
+from mtnlp.modeling.config import TaskStates
 from mtnlp.modeling.sharing.base import SHARING, SharingConfig, SharingStrategy, shape_option
 from mtnlp.utils.errors import UserError
 
@@ -117,8 +120,13 @@ class ColumnSharing(SharingStrategy):
             )
         self.bottom = len(layers) - count
         self.shared_output = SharedOutput()
+        # copies of the top layers that keep the encoder's config object (not a copy of it), so
+        # that what changes it later (`set_attn_implementation`) reaches the columns too
         self.column = nn.ModuleDict(
-            {task: copy.deepcopy(layers[self.bottom :]) for task in self.tasks}
+            {
+                task: copy.deepcopy(layers[self.bottom :], {id(encoder.config): encoder.config})
+                for task in self.tasks
+            }
         )
 
     def load_from_encoder(self, encoder: nn.Module) -> None:
@@ -136,10 +144,16 @@ class ColumnSharing(SharingStrategy):
                     self.column[task].load_state_dict(trained.column[task].state_dict())
 
     def encode(
-        self, encoder: nn.Module, layers: dict[str, int], inputs: dict[str, Tensor]
-    ) -> dict[str, Tensor]:
-        """Hidden states per task at its layer (0 = embeddings, L = its column's top): the
-        embeddings and the shared layers run once, layer by layer, then the task columns."""
+        self,
+        encoder: nn.Module,
+        layers: dict[str, int],
+        inputs: dict[str, Tensor],
+        attentions: bool = False,
+    ) -> TaskStates:
+        """Per task, the states at its layer (0 = embeddings, L = its column's top) and the hidden
+        states on the way there (its column's for the top layers; with `attentions`, their
+        attention weights too): the embeddings and the shared layers run once, layer by layer,
+        then the task columns."""
         embedding_inputs = ("input_ids", "token_type_ids", "position_ids", "inputs_embeds")
         x = encoder.embeddings(**{k: v for k, v in inputs.items() if k in embedding_inputs})
         token_mask = inputs.get("attention_mask")
@@ -148,26 +162,36 @@ class ColumnSharing(SharingStrategy):
         mask = create_bidirectional_mask(
             config=encoder.config, inputs_embeds=x, attention_mask=token_mask
         )
-        states = [x]  # embeddings, then each shared layer's output
-        for layer in encoder.encoder.layer[: self.bottom]:
-            states.append(_layer_output(layer(states[-1], mask)))
-        shared = self.shared_output(states[-1], attention_mask=token_mask)
-        hidden = {task: states[i] for task, i in layers.items() if i < self.bottom}
-        hidden.update({task: shared for task, i in layers.items() if i == self.bottom})
-        depths = {task: i - self.bottom for task, i in layers.items() if i > self.bottom}
-        if depths:
-            hidden.update(self.run_columns(shared, mask, depths, token_mask))
-        return hidden
+        bottom = list(encoder.encoder.layer[: self.bottom])
+        columns = {task: list(self.column[task]) for task in layers}
+        run = bottom + [layer for column in columns.values() for layer in column]
+        with recorded_attentions(encoder, run, attentions) as weights:
+            states = [x]  # embeddings, then each shared layer's output
+            for layer in bottom:
+                states.append(_layer_output(layer(states[-1], mask)))
+            states[-1] = self.shared_output(states[-1], attention_mask=token_mask)
+            depths = {task: i - self.bottom for task, i in layers.items() if i > self.bottom}
+            outputs, history = self.run_columns(states[-1], mask, depths, token_mask)
+        result = TaskStates(states={})
+        for task, index in layers.items():
+            depth = max(index - self.bottom, 0)
+            path = states[: index + 1] + [history[d][task] for d in range(1, depth + 1)]
+            result.states[task] = outputs[task] if depth else path[-1]
+            result.hidden_states[task] = tuple(path)
+            run = bottom[:index] + columns[task][:depth]
+            result.attentions[task] = tuple(weights[layer] for layer in run if layer in weights)
+        return result
 
     def run_columns(
         self, shared: Tensor, mask: Tensor | None, depths: dict[str, int], token_mask: Tensor
-    ) -> dict[str, Tensor]:
-        """Each task's column output at its depth (1..N), from the shared states."""
+    ) -> tuple[dict[str, Tensor], list[dict[str, Tensor]]]:
+        """What each head reads from its column at its depth (1..N), from the shared states, and
+        the states of every column layer run (per depth, the shared output first)."""
         active = self.tasks if self.mixes_tasks else list(depths)
         states = {task: shared for task in active}
         outputs: dict[str, Tensor] = {}
         history = [states]  # per depth: every active task's states
-        for depth in range(1, max(depths.values()) + 1):
+        for depth in range(1, max([0, *depths.values()]) + 1):
             states = {
                 task: _layer_output(self.column[task][depth - 1](states[task], mask))
                 for task in active
@@ -175,7 +199,7 @@ class ColumnSharing(SharingStrategy):
             states = self.mix(depth, states, token_mask)
             history.append(states)
             outputs.update({task: states[task] for task, d in depths.items() if d == depth})
-        return self.head_inputs(outputs, history, depths)
+        return self.head_inputs(outputs, history, depths), history
 
     def mix(self, depth: int, states: dict[str, Tensor], token_mask: Tensor) -> dict[str, Tensor]:
         """Combine the tasks' outputs of column layer `depth` (independent columns: unchanged)."""
@@ -193,6 +217,54 @@ class ColumnSharing(SharingStrategy):
 
 def _layer_output(output: Tensor | tuple[Tensor, ...]) -> Tensor:
     return output[0] if isinstance(output, tuple) else output
+
+
+def attention_recorder(encoder: nn.Module) -> tuple[type[nn.Module], int]:
+    """The module class whose output holds the encoder's attention weights, and its index there:
+    where transformers records `attentions` for the encoder (`_can_record_outputs`)."""
+    spec = (getattr(encoder, "_can_record_outputs", None) or {}).get("attentions")
+    if isinstance(spec, type):
+        return spec, 1
+    if isinstance(getattr(spec, "target_class", None), type):  # an OutputRecorder
+        return spec.target_class, spec.index
+    raise UserError(
+        f"output_attentions: {type(encoder).__name__} does not say which of its modules give "
+        "attention weights; with column sharing, ask for hidden states only"
+    )
+
+
+@contextmanager
+def recorded_attentions(
+    encoder: nn.Module, layers: list[nn.Module], enabled: bool
+) -> Iterator[dict[nn.Module, Tensor]]:
+    """While inside (when `enabled`), the attention weights of each of `layers` that runs, keyed
+    by the layer; a layer whose attention implementation gives none (`sdpa`) has no entry, as in
+    transformers' own outputs."""
+    weights: dict[nn.Module, Tensor] = {}
+    if not enabled:
+        yield weights
+        return
+    target, index = attention_recorder(encoder)
+
+    def keeper(layer: nn.Module) -> Callable[..., None]:
+        def keep(module: nn.Module, args: Any, output: Any) -> None:
+            value = output[index] if isinstance(output, tuple) else None
+            if value is not None:
+                weights[layer] = value
+
+        return keep
+
+    handles = [
+        module.register_forward_hook(keeper(layer))
+        for layer in layers
+        for module in layer.modules()
+        if isinstance(module, target)
+    ]
+    try:
+        yield weights
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 class SharedOutput(nn.Module):
