@@ -76,7 +76,7 @@ def evaluate_command(args: argparse.Namespace) -> None:
     from mtnlp.cards.load import load_cards
     from mtnlp.data.loaders import make_dataloader
     from mtnlp.data.tokenize import load_task
-    from mtnlp.inference.evaluate import check_custom_metrics, evaluate
+    from mtnlp.inference.evaluate import cards_for_split, check_custom_metrics, evaluate
     from mtnlp.inference.loading import load_model
     from mtnlp.inference.submission import check_cards_fit
 
@@ -86,6 +86,8 @@ def evaluate_command(args: argparse.Namespace) -> None:
     check_cards_fit(cards, args.model, model.config)
     accelerator = Accelerator()
     data_dirs = [Path(folder) for folder in args.data_dir] if args.data_dir else None
+    if args.split:
+        cards = cards_for_split(cards, args.split, data_dirs)
     loaders = {}
     for card in cards:
         task = load_task(
@@ -291,6 +293,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-eval-samples", type=_positive, help="at most N dev examples per task"
     )
     evaluate.add_argument("--batch-size", type=_positive, default=64, help="evaluation batch size")
+    evaluate.add_argument(
+        "--split",
+        help="score this labelled split (e.g. test; a card without it: its splits test_*) "
+        "instead of the cards' dev splits",
+    )
     evaluate.add_argument(
         "--allow-custom-metrics",
         action="store_true",

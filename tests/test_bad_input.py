@@ -751,7 +751,8 @@ HARDENING_SAFETY_CASES = [
     SafetyCase(
         "resume-truncated-safetensors",
         checkpoint_of_the_model(weights=b"\x10\x00\x00\x00\x00\x00\x00\x00{"),
-        (*TRAIN, "--resume-from-checkpoint", "latest"),
+        # --max-steps above the checkpoint's step 1 (at it is refused: nothing left to train)
+        (*TRAIN, "--max-steps", "2", "--resume-from-checkpoint", "latest"),
         "--resume-from-checkpoint: {case}/out/checkpoint-1/model.safetensors: not a complete "
         "safetensors file (Error while deserializing header: invalid header length)",
     ),
@@ -1153,6 +1154,7 @@ def checkpoint_of_this_run(
 
 
 CHECKPOINT = "--resume-from-checkpoint: {case}/out/checkpoint-4"
+# the cases that resume checkpoint-4 train to step 8: a --max-steps at or below 4 is refused first
 HARDENING_RESUME_CASES = [
     Case(
         "output-dir-locked-by-another-run",
@@ -1178,21 +1180,21 @@ HARDENING_RESUME_CASES = [
         checkpoint_of_this_run(model="/models/bert-base"),
         f"{CHECKPOINT} was written with --model /models/bert-base; this run has --model tiny "
         "(resume with the checkpoint's --model)",
-        ("--resume-from-checkpoint", "latest"),
+        ("--max-steps", "8", "--resume-from-checkpoint", "latest"),
     ),
     Case(
         "checkpoint-without-random-states",
         checkpoint_of_this_run(missing="random_states_0.pkl"),
         f"{CHECKPOINT}: random_states_0.pkl is missing (the random number generators' states), "
         "so the run cannot continue exactly; resume from a complete checkpoint",
-        ("--resume-from-checkpoint", "latest"),
+        ("--max-steps", "8", "--resume-from-checkpoint", "latest"),
     ),
     Case(
         "checkpoint-without-keep-best-state",
         checkpoint_of_this_run(),
         f"{CHECKPOINT}: custom_checkpoint_5.pkl is missing (the --keep-best tracker), so the run "
         "cannot continue exactly; resume from a complete checkpoint",
-        ("--resume-from-checkpoint", "latest", "--keep-best"),
+        ("--max-steps", "8", "--resume-from-checkpoint", "latest", "--keep-best"),
     ),
     Case(
         "checkpoint-with-more-states-than-this-run",
@@ -1200,7 +1202,7 @@ HARDENING_RESUME_CASES = [
         f"{CHECKPOINT}: holds 6 saved states, this run has 5 (learning-rate schedule, task "
         "sampler, loss weighting, loop state, epoch losses); resume with the options it was "
         "written with (--keep-best, --block-sparse, --adversarial, successive_regularization)",
-        ("--resume-from-checkpoint", "latest"),
+        ("--max-steps", "8", "--resume-from-checkpoint", "latest"),
     ),
 ]
 

@@ -25,6 +25,7 @@ from tiny_runs import CARDS, reset_accelerate, write_tiny_tasks
 
 from mtnlp import training
 from mtnlp.artifacts import run_folder
+from mtnlp.artifacts.run_folder import TRAIN_LOG
 from mtnlp.cards.load import load_cards
 from mtnlp.data.read import training_text
 from mtnlp.modeling.tiny import tiny_bert, train_wordpiece
@@ -32,6 +33,7 @@ from mtnlp.training import callbacks, setup
 from mtnlp.training.args import parse_args
 from mtnlp.training.callbacks import OnStep
 from mtnlp.training.checkpointing import MODEL_FILE, list_checkpoints
+from mtnlp.utils import files
 from mtnlp.utils.errors import UserError
 from mtnlp.utils.files import LOCK_FILE, output_lock
 
@@ -289,7 +291,8 @@ def test_kill_during_the_first_checkpoint_write(tiny, tmp_path):
     save = ("--checkpoint-every", "3", "--tasks", "cls")
     killed = run_recipe(tasks, output, *save, kill_during_save=3)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
-    assert sorted(p.name for p in output.iterdir()) == [".checkpoint-3.tmp", LOCK_FILE]
+    # the log written as the run went stays too (a leftover: the rerun replaces it)
+    assert sorted(p.name for p in output.iterdir()) == [".checkpoint-3.tmp", LOCK_FILE, TRAIN_LOG]
 
     resumed = run_recipe(tasks, output, *save, "--resume-from-checkpoint", "latest")
     assert resumed.returncode == 2, resumed.stderr[-3000:]
@@ -388,15 +391,16 @@ def test_a_stale_lock_file_does_not_block(tiny, tmp_path):
 
 
 def test_output_dir_is_checked_writable_before_training(tiny, tmp_path, monkeypatch):
-    """Root ignores file modes, so the refusal is simulated on the write probe."""
-    write_bytes = Path.write_bytes
+    """Root ignores file modes, so the refusal is simulated on the write probe (created with
+    `files.new_file`: never through a link)."""
+    new_file = files.new_file
 
-    def read_only(self, data):
-        if self.name.startswith(".mtnlp-probe-"):
+    def read_only(path, *args):
+        if path.name.startswith(".mtnlp-probe-"):
             raise PermissionError(13, "Permission denied")
-        return write_bytes(self, data)
+        return new_file(path, *args)
 
-    monkeypatch.setattr(Path, "write_bytes", read_only)
+    monkeypatch.setattr(files, "new_file", read_only)
     monkeypatch.setattr(setup, "load_task", lambda *a, **k: pytest.fail("data loaded"))
     output = tmp_path / "new" / "out"
     with pytest.raises(UserError) as error:

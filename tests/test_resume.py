@@ -98,9 +98,9 @@ def test_killed_run_resumes_exactly(tiny_tasks, tmp_path):
     killed = run_recipe(tiny_tasks, output, *save, kill_during_save=6)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     # the kill hit the save of step 6: step 3 is intact, step 6 only a temporary folder; the
-    # dead run's lock file stays, but its OS lock died with it
+    # dead run's lock file stays, but its OS lock died with it; its log, written as it went, too
     assert sorted(p.name for p in output.iterdir()) == [
-        ".checkpoint-6.tmp", ".mtnlp.lock", "checkpoint-3",
+        ".checkpoint-6.tmp", ".mtnlp.lock", "checkpoint-3", "train_log.jsonl",
     ]  # fmt: skip
     assert resolve_checkpoint("latest", output) == output / "checkpoint-3"
 

@@ -21,7 +21,7 @@ from mtnlp.cards.load import load_cards
 from mtnlp.cards.schema import TaskCard
 from mtnlp.modeling.model import MultiTaskModel
 from mtnlp.utils.errors import UserError
-from mtnlp.utils.files import LOCK_FILE, WRITE_PROBE, atomic_folder
+from mtnlp.utils.files import LOCK_FILE, WRITE_PROBE, atomic_folder, new_file
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +54,8 @@ _LEFTOVERS = (
     f"{SAVING_PREFIX}*",
     LOCK_FILE,
     WRITE_PROBE.format(pid="*"),
+    TRAIN_LOG,  # written as training goes (`LiveLog`); rewritten by a resumed run
+    f".{TRAIN_LOG}.*",  # its temporary name
 )
 
 
@@ -114,6 +116,37 @@ def save_run(
                 log.write(json.dumps(record) + "\n")
         write_heatmap(staging, history)  # task affinity, when --affinity-every logged it
         write_report(staging, history, results, summary)
+
+
+class LiveLog(list):
+    """A run's log records, each also written to `path` (JSON lines) as it is appended and
+    flushed at once, so `tail -f train_log.jsonl` follows the run. Entering writes the records so
+    far under a temporary name that then replaces `path` (a link there is replaced, never
+    followed); leaving closes the file."""
+
+    def __init__(self, path: Path, records: Sequence[dict[str, Any]] = ()) -> None:
+        super().__init__(records)
+        self.path = path
+        self.file: Any = None
+
+    def __enter__(self) -> LiveLog:
+        temporary = self.path.with_name(f".{self.path.name}.{os.getpid()}")
+        temporary.unlink(missing_ok=True)  # a killed run's (a link is removed, not followed)
+        self.file = new_file(temporary)
+        for record in self:
+            self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        os.replace(temporary, self.path)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.file.close()
+
+    def append(self, record: dict[str, Any]) -> None:
+        super().append(record)
+        if self.file is not None and not self.file.closed:
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
 
 
 PICKLES = (".bin", ".pkl", ".pt", ".pth", ".ckpt")  # never pushed: unpickling runs code

@@ -5,6 +5,7 @@ the file and the field.
 from __future__ import annotations
 
 import codecs
+import math
 import re
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any, Literal, get_args
@@ -47,6 +48,7 @@ EXPECTED = {
     "columns": "a mapping of card column to file column",
     "splits": "a mapping of split name to Hub split name",
     "split_options": "a mapping of split name to reading options",
+    "range": "two numbers [low, high]",
 }
 
 
@@ -260,7 +262,17 @@ class TaskCard(_Strict):
     source: DataSource = Field(description="where the data comes from")
     inputs: list[str] = Field(min_length=1, max_length=2, description=EXPECTED["inputs"])
     label_column: str = Field("label", description="column holding the target")
-    labels: list[str] | None = Field(None, description="label names (classification, tagging)")
+    labels: list[str] | None = Field(
+        None,
+        description="label names (classification, tagging); a data value is the label of that "
+        "name (a number as its digits: 3 is label '3'); an integer is read as an index into "
+        "this list only when no label name is an integer (GLUE's 0/1 files)",
+    )
+    range: list[float] | None = Field(
+        None,
+        description="regression: [low, high], the values a prediction is clipped to, e.g. "
+        "[0, 5] for STS-B",
+    )
     metrics: list[str] = Field(min_length=1, description="metric names, e.g. accuracy, f1")
     main_metric: str | list[str] | None = Field(
         None,
@@ -304,6 +316,15 @@ class TaskCard(_Strict):
             raise ValueError("label names must be unique")
         return value
 
+    @field_validator("range")
+    @classmethod
+    def _low_below_high(cls, value: list[float] | None) -> list[float] | None:
+        if value is not None and (len(value) != 2 or not all(map(math.isfinite, value))):
+            raise ValueError("give two finite numbers [low, high]")
+        if value is not None and not value[0] < value[1]:
+            raise ValueError(f"low ({value[0]:g}) must be below high ({value[1]:g})")
+        return value
+
     @field_validator("metrics")
     @classmethod
     def _known_metrics(cls, value: list[str]) -> list[str]:
@@ -318,6 +339,8 @@ class TaskCard(_Strict):
             raise ValueError(f"labels: required for a {self.type} task (a list of strings)")
         if not head.needs_labels and self.labels:
             raise ValueError(f"labels: a {self.type} task has no label names; remove 'labels'")
+        if self.range is not None and self.type != "regression":
+            raise ValueError(f"range: a {self.type} task has no values to clip; remove 'range'")
         if head.needs_labels and len(self.labels) < 2 and self.type == "classification":
             raise ValueError("labels: a classification task needs at least two labels")
         splits = {self.train_split, *self.eval_splits}
@@ -414,7 +437,17 @@ class TaskCard(_Strict):
             "metrics": self.metrics,
             "main_metric": self.resolved_main_metric(),
             "max_length": self.max_length,  # the pipeline truncates as training did
+            **({"range": list(self.range)} if self.range is not None else {}),  # decode clips
+            **({"input_columns": self.input_columns()} if self.input_columns() else {}),
         }
+
+    def input_columns(self) -> dict[str, str]:
+        """Input column -> the data files' column where `source.local.columns` renames it (what
+        `mtnlp predict --input` rows name, as the card's files do)."""
+        local = self.source.local
+        renames = local.columns if local is not None else {}
+        inputs = set(self.inputs)
+        return {ours: file for ours, file in renames.items() if ours in inputs and file != ours}
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(exclude_defaults=True), sort_keys=False)

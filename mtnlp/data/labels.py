@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import csv
 import functools
 import math
 import os
@@ -18,28 +19,66 @@ MISSING = "the value is missing or null"
 
 
 def label_to_id(value: Any, labels: list[str]) -> int | None:
-    """A label name, or an index into the label list (int or digit string); None if neither."""
-    if isinstance(value, str):
-        if value in labels:
-            return labels.index(value)
-        value = value.strip()
-        if value.lstrip("-").isdigit():
-            value = int(value)
-    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < len(labels):
-        return value
-    return None
+    """The id of a label value: the label of that name first (an integer as its digits, so 3 is
+    label "3" of star ratings ["1", "2", "3"]); an index into the list (int or digit string)
+    only when no label name is an integer, so an index never shifts a label's meaning; None if
+    neither."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        name = str(value)
+    elif isinstance(value, str):
+        name = value
+    else:
+        return None
+    if name in labels:
+        return labels.index(name)
+    digits = name.strip()
+    if _named_by_numbers(tuple(labels)) or not digits.lstrip("-").isdigit():
+        return None
+    index = int(digits)
+    return index if 0 <= index < len(labels) else None
+
+
+@functools.lru_cache(maxsize=64)
+def _named_by_numbers(labels: tuple[str, ...]) -> bool:
+    """True when some label name is an integer: then values are names, never indices."""
+    return any(label.strip().lstrip("-").isdigit() for label in labels)
 
 
 def row_place(where: str, index: int, local: LocalSource | None) -> str:
     """Where example `index` (0-based) is: `file: line N` in a local TSV/CSV file (its row) or
     CoNLL file (its sentence's first line), `source: example N` otherwise (Hub, JSON)."""
     if local is not None and local.format in ("tsv", "csv"):
-        return f"{where}: line {index + (2 if local.header else 1)}"
+        stat = os.stat(where)
+        lines = _row_lines(where, stat.st_mtime_ns, local.format, local.header, local.encoding)
+        return f"{where}: line {lines[index] if index < len(lines) else '?'}"
     if local is not None and local.format in ("conll", "conllu"):
         stat = os.stat(where)
         lines = _sentence_lines(where, stat.st_mtime_ns, local.format == "conllu", local.encoding)
         return f"{where}: line {lines[index]}"
     return f"{where}: example {index + 1}"
+
+
+@functools.lru_cache(maxsize=8)
+def _row_lines(path: str, mtime_ns: int, format: str, header: bool, encoding: str) -> list[int]:
+    """The line (1-based) where each data row of a TSV/CSV file starts, counted as the file's
+    lines are: blank lines (which the reader skips) and line breaks inside quoted CSV cells
+    count."""
+    quoting = csv.QUOTE_NONE if format == "tsv" else csv.QUOTE_MINIMAL
+    starts: list[int] = []
+    with open(path, encoding=encoding, newline="") as file:
+        reader = csv.reader(file, delimiter="\t" if format == "tsv" else ",", quoting=quoting)
+        end, skip_header = 0, header
+        for record in reader:
+            start, end = end + 1, reader.line_num
+            if not record:  # a blank line
+                continue
+            if skip_header:
+                skip_header = False
+                continue
+            starts.append(start)
+    return starts
 
 
 @functools.lru_cache(maxsize=8)
@@ -64,6 +103,8 @@ def encode_label(card: TaskCard, value: Any, place: str) -> Any:
         raise UserError(f"{place}: {card.label_column}: {MISSING}")
     if card.type == "regression":
         try:
+            if isinstance(value, str) and "_" in value:  # Python's 1_000, not a data number
+                raise ValueError(value)
             target = float(value)
         except (TypeError, ValueError):
             raise UserError(

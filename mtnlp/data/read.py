@@ -87,6 +87,11 @@ def _reader_kwargs(local: LocalSource, path: Path) -> tuple[str, dict[str, Any]]
         if local.header:
             with open(path, encoding=local.encoding) as file:
                 names = next(csv.reader([file.readline().rstrip("\n")], delimiter=sep))
+            twice = next((name for i, name in enumerate(names) if name in names[:i]), None)
+            if twice is not None:  # pandas would rename the second one `name.1`
+                raise UserError(
+                    f"{path}: line 1: column {clip(twice)!r} appears twice in the header"
+                )
         kwargs: dict[str, Any] = {
             "sep": sep,
             "keep_default_na": False,
@@ -141,6 +146,37 @@ def _undecodable_at(path: Path, encoding: str) -> tuple[int, int]:
     raise ValueError(f"{path} is valid {encoding} text")  # the reader failed on other bytes
 
 
+def _decodes(path: Path, encoding: str) -> bool | None:
+    """Whether `path` is `encoding` text throughout (None when it cannot be read): a reader's
+    UnicodeDecodeError on a file that decodes whole had another reason, which the error keeps."""
+    try:
+        path.read_bytes().decode(encoding)
+    except UnicodeDecodeError:
+        return False
+    except (OSError, LookupError):
+        return None
+    return True
+
+
+def _check_conll_columns(path: Path, local: LocalSource) -> None:
+    """A CoNLL line with more columns than the card names is refused (the builder would drop the
+    extra ones silently, and a tag would become a word's)."""
+    conllu = local.format == "conllu"
+    names = CONLLU_COLUMNS if conllu else local.column_names
+    where = "CoNLL-U's ten columns" if conllu else "source.local.column_names"
+    with open(path, encoding=local.encoding, errors="replace") as file:
+        for number, raw in enumerate(file, start=1):
+            line = raw.rstrip("\r\n")
+            if not line.strip() or line.startswith("-DOCSTART-") or (conllu and line[0] == "#"):
+                continue
+            fields = line.split("\t") if conllu else line.split()
+            if len(fields) > len(names):
+                raise UserError(
+                    f"{path}: line {number}: {len(fields)} columns, but the card names "
+                    f"{len(names)} ({where}: {', '.join(names)})"
+                )
+
+
 def root_cause(error: BaseException) -> BaseException:
     while error.__cause__ is not None or error.__context__ is not None:
         error = error.__cause__ or error.__context__
@@ -159,6 +195,8 @@ def _holds_no_rows(path: Path, local: LocalSource) -> bool:
 def _read_local_file(card: TaskCard, path: Path, split: str, labels: bool) -> datasets.Dataset:
     local = card.source.local.for_split(split)
     files = _saved_files(path) if local.format == "save_to_disk" else [str(path)]
+    if local.format in ("conll", "conllu"):
+        _check_conll_columns(path, local)
     try:
         builder, kwargs = _reader_kwargs(local, path)
         with warnings.catch_warnings():
@@ -168,12 +206,14 @@ def _read_local_file(card: TaskCard, path: Path, split: str, labels: bool) -> da
             dataset = datasets.load_dataset(
                 builder, data_files={"data": files}, split="data", **kwargs
             )
+    except UserError:  # our own check (a duplicated header column): its reason as it is
+        raise
     except Exception as error:  # datasets wraps parser errors in several types
         cause = root_cause(error)
         if isinstance(cause, ParserWarning):
             names = "its header line" if local.header else "the card's column_names"
             reason = f"every row has more fields than {names} names; check the separator"
-        elif isinstance(cause, UnicodeDecodeError):
+        elif isinstance(cause, UnicodeDecodeError) and _decodes(path, local.encoding) is False:
             line, byte = _undecodable_at(path, local.encoding)
             reason = f"line {line}: not valid {local.encoding} text (byte {byte})"
         # the builders fail on an empty text file
@@ -181,7 +221,7 @@ def _read_local_file(card: TaskCard, path: Path, split: str, labels: bool) -> da
             reason = f"the {split} split of task {card.name} has no examples"
         else:
             reason = f"could not read as {local.format}: {_no_content(cause)}"
-        raise UserError(f"{path}: {reason}") from None
+        raise UserError(f"{path}: {reason}") from cause  # the parser's own error stays its cause
     if local.format == "conllu":
         dataset = dataset.map(_drop_multiword_and_empty_nodes, desc=f"{card.name}: CoNLL-U words")
     renames = {

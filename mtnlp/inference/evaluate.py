@@ -72,6 +72,21 @@ def gather_predictions(
     return predictions, references
 
 
+def cards_for_split(
+    cards: Sequence[TaskCard], split: str, data_dirs: Sequence[object] | None
+) -> list[TaskCard]:
+    """`mtnlp evaluate --split NAME`: the cards scoring split NAME (or, for a card without it,
+    its splits NAME_*, as `predict --split` reads them) instead of their dev splits, e.g. SICK's
+    labelled test set. A card without such a split is a `UserError` naming its file."""
+    from mtnlp.inference.submission import card_splits
+
+    chosen = []
+    for card in cards:
+        local = bool(data_dirs) and card.source.local is not None  # as load_raw decides
+        chosen.append(card.replace(eval_splits=card_splits(card, split, local)))
+    return chosen
+
+
 def check_custom_metrics(cards: Sequence[TaskCard], allowed: bool) -> None:
     """Refuse metric names that are not built in unless `--allow-custom-metrics`: `evaluate.load`
     downloads and runs them as code, and evaluating a model (its own `cards/`, maybe fetched from

@@ -47,10 +47,16 @@ class Example:
 
     text: str
     text_pair: str | None = None
+    # the words, where they are given as words (a data split's tokens, which may hold spaces):
+    # never re-split; None: the text split on whitespace
+    words: tuple[str, ...] | None = None
 
 
 def as_example(value: Any, where: str) -> Example:
-    """A text, a `(text, text_pair)` tuple or a `{"text": ..., "text_pair": ...}` mapping."""
+    """A text, a `(text, text_pair)` tuple or a `{"text": ..., "text_pair": ...}` mapping (or an
+    `Example`, e.g. one holding a data split's words)."""
+    if isinstance(value, Example):
+        return value
     if isinstance(value, str):
         return Example(value)
     if isinstance(value, tuple) and len(value) == 2 and all(isinstance(v, str) for v in value):
@@ -302,7 +308,10 @@ class MultiTaskPipeline:
 
     def _predict_batch(self, examples: list[Example], tasks: list[str]) -> list[dict[str, dict]]:
         how = {task: self._tokenization(task) for task in tasks}
-        words = [example.text.split() for example in examples]
+        words = [
+            list(example.words) if example.words is not None else example.text.split()
+            for example in examples
+        ]
         encodings = {
             key: self._tokenize(examples, words, key) for key in dict.fromkeys(how.values())
         }

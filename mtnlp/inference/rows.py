@@ -195,10 +195,9 @@ class RowPredictor:
         self.tasks = list(tasks) if tasks is not None else None
         self.where = where
         self.outputs = pipeline.check_tasks(tasks)  # the task keys an output line may hold
-        # each task reads its own columns when a row has no `text`
-        self.columns = {
-            name: tuple(pipeline.model.config.task(name)["inputs"]) for name in self.outputs
-        }
+        # each task reads its own columns when a row has no `text`: its card's inputs, named as
+        # the card's data files name them (the card's `source.local.columns`, as in training)
+        self.columns = {name: self.task_columns(pipeline, name) for name in self.outputs}
         self.read_keys = {column for columns in self.columns.values() for column in columns}
 
     def __call__(self, rows: list[Row]) -> list[dict[str, Any]]:
@@ -226,6 +225,12 @@ class RowPredictor:
             {**keep, **{task: result[task] for task in order if task in result}}
             for keep, result in zip(kept, results, strict=True)
         ]
+
+    @staticmethod
+    def task_columns(pipeline: MultiTaskPipeline, name: str) -> tuple[str, ...]:
+        spec = pipeline.model.config.task(name)
+        renames = spec.get("input_columns") or {}
+        return tuple(renames.get(column, column) for column in spec["inputs"])
 
     def tasks_reading(self, columns: tuple[str, ...]) -> list[str]:
         return [name for name, own in self.columns.items() if own == columns]

@@ -9,8 +9,8 @@ from pathlib import Path
 from typing import Any
 
 from mtnlp.cards.schema import TaskCard
-from mtnlp.inference.pipeline import MultiTaskPipeline
-from mtnlp.inference.rows import TEXT_KEYS, as_text, kind
+from mtnlp.inference.pipeline import Example, MultiTaskPipeline
+from mtnlp.inference.rows import as_text, kind
 from mtnlp.utils.errors import UserError
 from mtnlp.utils.files import writable_output_dir
 
@@ -61,12 +61,13 @@ def prediction_cell(card: TaskCard, result: dict[str, Any]) -> str:
     return result["label"]
 
 
-def split_inputs(card: TaskCard, dataset: Any, where: str) -> list[dict[str, str]]:
-    """The pipeline's inputs for a split: its input columns (a tagging task's words joined by
-    spaces, as the pipeline splits them)."""
+def split_inputs(card: TaskCard, dataset: Any, where: str) -> list[Example]:
+    """The pipeline's inputs for a split: its input columns; a tagging task's words stay the
+    split's words (a token such as "New York" is one word, never re-split on whitespace)."""
     columns = [dataset[column] for column in card.inputs]
     inputs = []
     for index, values in enumerate(zip(*columns, strict=True)):
+        words = values[0] if len(values) == 1 and _is_words(values[0]) else None
         texts = []
         for column, value in zip(card.inputs, map(as_text, values), strict=True):
             if not isinstance(value, str):
@@ -74,8 +75,29 @@ def split_inputs(card: TaskCard, dataset: Any, where: str) -> list[dict[str, str
                     f"{where}: example {index + 1}: {column}: expected text, got {kind(value)}"
                 )
             texts.append(value)
-        inputs.append(dict(zip(TEXT_KEYS, texts, strict=False)))
+        words = tuple(words) if words is not None else None
+        inputs.append(Example(*texts, words=words))
     return inputs
+
+
+def _is_words(value: Any) -> bool:
+    return isinstance(value, list) and bool(value) and all(isinstance(w, str) for w in value)
+
+
+def cell(value: Any, place: str) -> str:
+    """A value as one TSV cell: text with a tab or a line break of any kind (which would forge a
+    cell or a row) is refused, naming the place, never the whole value."""
+    text = str(value)
+    if "\t" not in text and len(text.splitlines()) <= 1 and not text.endswith(("\n", "\r")):
+        return text
+    raise UserError(
+        f"{place}: {_clip(repr(text))} holds a tab or line break, which would break the "
+        "submission file's rows"
+    )
+
+
+def _clip(text: str, limit: int = 40) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def predict_split(
@@ -102,7 +124,12 @@ def predict_split(
             path = output_dir / submission_file(card, split, name)
             with open(path, "w", encoding="utf-8", newline="") as file:
                 file.write("index\tprediction\n")
-                for index, result in zip(ids, results, strict=True):
-                    file.write(f"{index}\t{prediction_cell(card, result[card.name])}\n")
+                for number, (index, result) in enumerate(zip(ids, results, strict=True), 1):
+                    place = f"{where}: example {number}"
+                    row = (
+                        cell(index, f"{place}: {column}"),
+                        cell(prediction_cell(card, result[card.name]), f"{place}: prediction"),
+                    )
+                    file.write("\t".join(row) + "\n")
             written.append((path, len(results)))
     return written

@@ -12,6 +12,8 @@ from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 from transformers.modeling_outputs import ModelOutput
 
+from mtnlp.utils.errors import UserError
+
 
 class MultiTaskConfig(PreTrainedConfig):
     """Config of a multi-task model: the encoder's config plus one metadata dict per task."""
@@ -26,6 +28,10 @@ class MultiTaskConfig(PreTrainedConfig):
     # parameter-sharing strategy and its options, e.g. {"name": "soft", "layers": 2} (sharing.py);
     # None: hard sharing
     sharing: dict[str, Any] | None = None
+
+    def __post_init__(self, **kwargs: Any) -> None:
+        check_task_entries(self.tasks)
+        super().__post_init__(**kwargs)
 
     @property
     def task_names(self) -> list[str]:
@@ -55,6 +61,36 @@ class MultiTaskConfig(PreTrainedConfig):
             for task in self.tasks or []
             if task.get("labels")
         }
+
+
+def check_task_entries(tasks: Any) -> None:
+    """A config's task list must name each task once, with unique string label names: a
+    `UserError` (one line) otherwise, so that a label id never means two labels."""
+    if tasks is None:
+        return
+    if not isinstance(tasks, list) or not all(isinstance(task, dict) for task in tasks):
+        raise UserError("config.json: tasks: expected a list of task objects")
+    seen: set[str] = set()
+    for number, task in enumerate(tasks):
+        name = task.get("name")
+        if not isinstance(name, str):
+            raise UserError(f"config.json: tasks[{number}].name: expected a task name (a string)")
+        if name in seen:
+            raise UserError(f"config.json: tasks[{number}]: task {name[:40]!r} appears twice")
+        seen.add(name)
+        labels = task.get("labels")
+        if labels is None:
+            continue
+        if not isinstance(labels, list) or not all(isinstance(label, str) for label in labels):
+            raise UserError(
+                f"config.json: tasks[{number}] ({name[:40]}).labels: expected a list of strings"
+            )
+        twice = next((label for i, label in enumerate(labels) if label in labels[:i]), None)
+        if twice is not None:
+            raise UserError(
+                f"config.json: tasks[{number}] ({name[:40]}).labels: label {twice[:40]!r} "
+                "appears twice"
+            )
 
 
 @dataclass

@@ -129,7 +129,10 @@ class RegressionHead(PooledHead):
         return logits, loss
 
     def decode(self, logits: Tensor) -> Tensor:
-        return logits.float()
+        """The predicted values, clipped to the card's `range` where it gives one."""
+        values = logits.float()
+        bounds = self.task.get("range")
+        return values if bounds is None else values.clamp(min=bounds[0], max=bounds[1])
 
 
 @HEADS.register("tagging")

@@ -47,6 +47,7 @@ from mtnlp.modeling.loading import (
 from mtnlp.modeling.sharing import build_sharing, resolve_sharing
 from mtnlp.modeling.single_task import check_same_logits, probe_inputs, single_task_model
 from mtnlp.utils.errors import UserError
+from mtnlp.utils.files import umask_permissions
 
 LABEL_MAPS = "label_maps.json"
 MODEL_CARD = "README.md"
@@ -242,6 +243,8 @@ class MultiTaskModel(PreTrainedModel):
         self._check_companion_names()
         super().save_pretrained(save_directory, is_main_process, *args, **kwargs)
         if is_main_process and Path(save_directory).is_dir():
+            # safetensors writes 0600; the folder's other files get 0666 less the umask
+            umask_permissions(Path(save_directory).glob("*.safetensors"))
             self._write_folder_files(Path(save_directory))
 
     def _check_companion_names(self) -> None:

@@ -12,10 +12,11 @@ the two, and the flag wording of their errors, live here.
 
 from __future__ import annotations
 
+import argparse
 import functools
 import sys
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import field, fields
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -218,7 +219,11 @@ class TrainArguments:
     )
     report_to: str = field(
         default="none",
-        metadata=_help("accelerate trackers for the logs, e.g. tensorboard (comma-separated)"),
+        metadata=_help(
+            "accelerate trackers for the logs, comma-separated: tensorboard (the extra "
+            "mtnlp[tensorboard], or the tensorboard package) or wandb (mtnlp[wandb], or wandb); "
+            "none: off"
+        ),
     )
     finetune_each: bool = field(
         default=False,
@@ -383,8 +388,58 @@ def sharing_mismatch_error(error: SharingMismatch) -> UserError:
 
 
 # ------------------------------------------------------------------------------ parsing
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """`(default: X)` after a flag's help, unless the help already says its default or there is
+    none to say (None; False of an on/off flag)."""
+
+    def _format_action_invocation(self, action: argparse.Action) -> str:
+        if isinstance(action, _OnOff):
+            return ", ".join([*action.option_strings, *action.negatives])
+        return super()._format_action_invocation(action)
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "(default" in text or action.default in (None, False, argparse.SUPPRESS):
+            return text
+        return super()._get_help_string(action)
+
+
 class _Parser(OneLineArgumentErrors, HfArgumentParser):
-    """transformers' dataclass parser; a flag that does not parse is one `error:` line."""
+    """transformers' dataclass parser; a flag that does not parse is one `error:` line; an on/off
+    field is a flag (`--keep-best` / `--no-keep-best`; a config file gives true or false)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, formatter_class=_HelpFormatter, **kwargs)
+
+    @staticmethod
+    def _parse_dataclass_field(parser: argparse.ArgumentParser, field: Any) -> None:
+        if field.type is not bool:
+            HfArgumentParser._parse_dataclass_field(parser, field)
+            return
+        action = parser.add_argument(
+            *dict.fromkeys([flag(field.name), f"--{field.name}"]),  # both spellings, as others
+            action=_OnOff,
+            default=field.default,
+            help=field.metadata.get("help"),
+        )
+        for negative in action.negatives:  # parsed, listed in --help, not a flag of its own
+            parser._option_string_actions[negative] = action
+
+
+class _OnOff(argparse.Action):
+    """An on/off flag: `--keep-best` sets it, `--no-keep-best` clears it (each also with
+    underscores, as every flag). The negative spellings are not option strings of their own, so
+    the flag reference names the field once."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, nargs=0, **kwargs)
+        self.negatives = [f"--no{'_' if '_' in o else '-'}{o[2:]}" for o in option_strings]
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        setattr(namespace, self.dest, option_string not in self.negatives)
+
+    def format_usage(self) -> str:
+        return f"{self.option_strings[0]} | {self.negatives[0]}"
 
 
 def parse_args(

@@ -2,8 +2,9 @@
 
 The loop calls `on_train_begin`, then `on_step_end` after every optimizer step, and
 `on_train_end` with the final dev metrics; evaluation broadcasts `on_evaluate`, a checkpoint
-`on_save`. The built-in callbacks run in this order (each "every N steps" is one visible
-decision in its `on_step_end`):
+`on_save`, Ctrl-C `on_interrupt` (before the loop saves the current step). The built-in
+callbacks run in this order (each "every N steps" is one visible decision in its
+`on_step_end`):
 
 1. `ProgressCallback`: the progress bar, and every `log_every` steps a window record of each
    task's share, loss and weight (train_log.jsonl, trackers).
@@ -79,6 +80,10 @@ class Callback:
         """After the last step, with the final dev metrics; returns the results to keep."""
         return results
 
+    def on_interrupt(self, run: Run) -> None:
+        """After Ctrl-C, before the loop saves the current step: release what `on_train_begin`
+        took (a progress bar, a file)."""
+
     def state_dict(self) -> dict[str, Any] | None:
         return None
 
@@ -116,6 +121,10 @@ class CallbackList:
         for callback in self.callbacks:
             results = callback.on_train_end(run, results)
         return results
+
+    def on_interrupt(self, run: Run) -> None:
+        for callback in self.callbacks:
+            callback.on_interrupt(run)
 
 
 def evaluate_run(run: Run) -> Results:
@@ -163,6 +172,10 @@ class ProgressCallback(Callback):
         self.bar.close()
         return results
 
+    def on_interrupt(self, run: Run) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
 
 class EvaluationCallback(Callback):
     """Dev metrics every `eval_every` steps (the last step's evaluation is the loop's final one);
@@ -180,7 +193,8 @@ class EvaluationCallback(Callback):
             metrics = evaluate_run(run)
             run.state.history.append({"step": step, "eval": metrics})
             run.accelerator.log(tracker_values({"eval": metrics}), step=step)
-            run.accelerator.print(f"step {step}: {json.dumps(metrics)}")
+            if run.accelerator.is_main_process:  # a line of its own, above the progress bar
+                tqdm.write(f"step {step}: {json.dumps(metrics)}")
             if self.best is not None:
                 self.best.update(step, metrics, run.unwrapped)
             run.callbacks.on_evaluate(run, step, metrics)
@@ -291,7 +305,12 @@ def trackers(report_to: str) -> list[str] | None:
             known = ", ".join(sorted(builtin | installed))
             raise UserError(f"--report-to: unknown tracker {name!r}; known: {known}")
         if name not in installed and name != "all":
-            raise UserError(f"--report-to: {name}: its package is not installed")
+            extra = (
+                f" (pip install 'mtnlp[{name}]', or pip install {name})"
+                if name in ("tensorboard", "wandb")
+                else ""
+            )
+            raise UserError(f"--report-to: {name}: its package is not installed{extra}")
     return names
 
 

@@ -45,7 +45,7 @@ from mtnlp.artifacts.run_folder import (
 from mtnlp.modeling.loading import check_weight_files
 from mtnlp.training.state import ENTRIES, Run, RunState
 from mtnlp.utils.errors import UserError, first_line
-from mtnlp.utils.files import commit_folder, staging_folder
+from mtnlp.utils.files import commit_folder, staging_folder, umask_permissions
 
 logger = logging.getLogger(__name__)
 
@@ -284,6 +284,7 @@ def save_checkpoint(
             meta["args"] = {**arguments, "model": _model_id(arguments["model"])}
         text = json.dumps(meta, indent=2, default=str) + "\n"
         (staging / CHECKPOINT_META).write_text(text, encoding="utf-8")
+        umask_permissions(staging.rglob("*.safetensors"))  # safetensors writes 0600
         # an earlier copy of this step (resumed from before it) is replaced
         commit_folder(staging, final)
         _rotate(output_dir, keep, final)
@@ -319,9 +320,30 @@ def remove_checkpoints(output_dir: Path, after: int | None = None) -> None:
         )  # fmt: skip
 
 
-# flags that change the schedule or the data order: a resumed run with other values goes on, but
-# does not continue the checkpoint's run exactly
+# flags that change the schedule or the data order (warned about first); every other recorded
+# flag changes the result too, except these: where things go, what is logged or published, and
+# what is checked elsewhere (the tasks and cards by `check_tasks`, --model by `check_model`)
 _SCHEDULE_FLAGS = ("batch_size", "gradient_accumulation_steps", "max_steps")
+_NEUTRAL_FLAGS = frozenset(
+    {
+        "model", "cards", "tasks", "data_dir", "output_dir", "overwrite_output_dir",
+        "resume_from_checkpoint", "checkpoint_every", "keep_checkpoints", "log_every",
+        "report_to", "push_to_hub", "hub_model_id", "hub_private", "license", "language",
+        "base_model", "eval_batch_size", "finetune_each", "finetune_epochs",
+        "finetune_max_steps", "finetune_learning_rate",
+    }
+)  # fmt: skip
+
+
+def check_max_steps(checkpoint: Path, step: int, arguments: dict[str, Any]) -> None:
+    """Refuse a `--max-steps` at or below the checkpoint's step: there is nothing left to train,
+    and the run would end with a summary that contradicts its own task steps."""
+    max_steps = arguments.get("max_steps")
+    if max_steps is not None and max_steps <= step:
+        raise UserError(
+            f"--max-steps {max_steps}: {checkpoint} is already at step {step}; give a --max-steps "
+            f"above {step} to train on, or resume an earlier checkpoint"
+        )
 
 
 def load_checkpoint(
@@ -339,6 +361,7 @@ def load_checkpoint(
     checkpoint's (a warning for each schedule flag that differs).
     """
     meta = read_meta(checkpoint)
+    check_max_steps(checkpoint, meta["step"], arguments or {})
     same_processes = meta.get("num_processes") == accelerator.num_processes
     if accelerator.is_main_process:
         if not same_processes:
@@ -437,14 +460,30 @@ def _check_state_files(
 
 
 def _warn_changed_flags(checkpoint: Path, saved: dict[str, Any], current: dict[str, Any]) -> None:
-    for name in _SCHEDULE_FLAGS:
-        if name in saved and name in current and saved[name] != current[name]:
+    """One warning per recorded flag whose value changed and that changes the result (the
+    sampler, seed, learning rate, weighting, batch size, ...): the resumed run goes on, but does
+    not continue the checkpoint's run exactly."""
+    current = json.loads(json.dumps(current, default=str))  # as checkpoint.json stores them
+    names = [*_SCHEDULE_FLAGS, *(name for name in current if name not in _SCHEDULE_FLAGS)]
+    for name in names:
+        if name in _NEUTRAL_FLAGS or name not in saved or name not in current:
+            continue
+        if saved[name] != current[name]:
             flag = "--" + name.replace("_", "-")
             logger.warning(
                 "--resume-from-checkpoint: %s was written with %s %s; this run has %s %s, so it "
                 "will not continue that run exactly",
-                checkpoint, flag, saved[name], flag, current[name],
+                checkpoint, flag, _shown(saved[name]), flag, _shown(current[name]),
             )  # fmt: skip
+
+
+def _shown(value: Any) -> str:
+    """A flag's value as typed: a list as its items, None as `(not given)`."""
+    if value is None:
+        return "(not given)"
+    if isinstance(value, list):
+        return " ".join(str(item) for item in value)
+    return str(value)
 
 
 def check_output_dir(path: Path, overwrite: bool, resume: Path | None = None) -> None:

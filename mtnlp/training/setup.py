@@ -7,6 +7,7 @@ that read `TrainArguments`: every component gets explicit values.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 from collections.abc import Sequence
@@ -49,9 +50,11 @@ from mtnlp.training.callbacks import (
     trackers,
 )
 from mtnlp.training.checkpointing import (
+    check_max_steps,
     check_model,
     check_output_dir,
     check_tasks,
+    read_meta,
     resolve_checkpoint,
     start_optimizer_state,
 )
@@ -62,6 +65,8 @@ from mtnlp.training.weighting import build_weighting
 from mtnlp.utils.errors import UserError, first_line
 
 FUSED_ADAMW_DEVICES = ("cpu", "cuda")
+
+logger = logging.getLogger(__name__)
 
 
 def tiny_tokenizer(
@@ -195,7 +200,31 @@ def make_accelerator(args: TrainArguments) -> Accelerator:
         raise UserError(f"accelerate: {first_line(error)}{_engine_hint()}") from None
     if _requested("FSDP") and accelerator.distributed_type == DistributedType.MULTI_CPU:
         fsdp_on_cpu(accelerator)
+    warn_lone_process(accelerator.num_processes)
     return accelerator
+
+
+def warn_lone_process(num_processes: int) -> None:
+    """Warn when the launch asked for more processes than run: `accelerate launch --cpu
+    --num_processes 2` starts ONE process (its CPU launcher spreads only through MPI; it sets
+    MASTER_ADDR but no RANK), and a `WORLD_SIZE` above the processes accelerate sees."""
+    world = os.environ.get("WORLD_SIZE", "")
+    asked = int(world) if world.isdigit() else None
+    lone_launch = (
+        "ACCELERATE_USE_CPU" in os.environ and "MASTER_ADDR" in os.environ and world == ""
+    )  # accelerate's simple launcher with --num_processes above 1
+    if num_processes == 1 and lone_launch:
+        logger.warning(
+            "accelerate launch asked for several processes, but this run is ONE process "
+            "(`accelerate launch --cpu --num_processes N` starts one); for N processes on CPU use "
+            "`ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes N` "
+            "(docs/distributed.md)"
+        )
+    elif asked is not None and asked > num_processes:
+        logger.warning(
+            "WORLD_SIZE is %d, but this run has %d process(es): the launch did not start the "
+            "processes it asked for (docs/distributed.md)", asked, num_processes,
+        )  # fmt: skip
 
 
 CONFIGS = "recipes/accelerate/"  # the launch configurations docs/distributed.md explains
@@ -413,6 +442,7 @@ def start_checks(
     if resume is not None:
         check_tasks(resume, specs)
         check_model(resume, args.model)
+        check_max_steps(resume, read_meta(resume)["step"], {"max_steps": args.max_steps})
     check_output_dir(output_dir, args.overwrite_output_dir, resume)
     if accelerator.is_main_process:  # a fresh start replaces the logs of the run it overwrites
         clean_leftovers(output_dir, logs=resume is None)

@@ -14,6 +14,7 @@ from typing import NoReturn, TypeVar
 
 USER_ERROR_EXIT_CODE = 2
 BROKEN_PIPE_EXIT_CODE = 141  # 128 + SIGPIPE, what a shell reports for a killed writer
+INTERRUPTED_EXIT_CODE = 130  # 128 + SIGINT, what a shell reports for Ctrl-C
 
 
 F = TypeVar("F", bound=Callable[..., object])
@@ -21,6 +22,11 @@ F = TypeVar("F", bound=Callable[..., object])
 
 class UserError(Exception):
     """A mistake in the user's input (card, data file, flag, path): shown as one line, exit 2."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C, after the work was put in order; its message says what was kept and how to go
+    on (`exit_on_user_error` prints it, without a traceback, and exits 130)."""
 
 
 class OneLineArgumentErrors:
@@ -41,8 +47,9 @@ def first_line(error: BaseException) -> str:
 
 def exit_on_user_error(main: F) -> F:
     """Decorate a command-line entry point: a `UserError` prints `error: <message>` and exits 2;
-    a reader that closes the pipe early (`mtnlp predict ... | head`) ends it quietly, as in
-    Python's own advice for SIGPIPE."""
+    Ctrl-C prints what was kept (`Interrupted`) and exits 130, without a traceback; a reader that
+    closes the pipe early (`mtnlp predict ... | head`) ends it quietly, as in Python's own advice
+    for SIGPIPE."""
 
     @functools.wraps(main)
     def wrapper(*args, **kwargs):
@@ -52,6 +59,11 @@ def exit_on_user_error(main: F) -> F:
             for line in str(error).splitlines():  # several problems: one line each
                 print(f"error: {line}", file=sys.stderr)
             sys.exit(USER_ERROR_EXIT_CODE)
+        except KeyboardInterrupt as error:  # Ctrl-C: what was kept, not a traceback
+            print(file=sys.stderr)  # after the ^C the terminal echoed
+            for line in (str(error) or "interrupted").splitlines():
+                print(line, file=sys.stderr)
+            sys.exit(INTERRUPTED_EXIT_CODE)
         except BrokenPipeError:
             # Python flushes stdout again at exit: point it at devnull so that flush is silent.
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

@@ -31,7 +31,8 @@ def writable_output_dir(folder: Path) -> None:
     try:
         folder.mkdir(parents=True, exist_ok=True)
         probe = folder / WRITE_PROBE.format(pid=os.getpid())
-        probe.write_bytes(b"")
+        probe.unlink(missing_ok=True)  # a killed run's (a link is removed, never written through)
+        new_file(probe, "wb").close()
         probe.unlink()
     except OSError as error:
         raise UserError(f"--output-dir: {folder}: cannot write here ({_reason(error)})") from None
@@ -202,7 +203,9 @@ def atomic_folder(
         final.mkdir(parents=True, exist_ok=True)
     if staging is None:
         staging = final / f".saving-{uuid.uuid4().hex[:12]}" if merge else staging_folder(final)
-    if staging.exists():
+    if staging.is_symlink():  # never follow a link to the staging name (it would be emptied)
+        staging.unlink()
+    elif staging.exists():
         shutil.rmtree(staging)
     staging.mkdir(parents=True)
     try:
@@ -252,6 +255,27 @@ def sync_to_disk(folder: Path, recursive: bool = True) -> None:
         os.fsync(descriptor)
     finally:
         os.close(descriptor)
+
+
+def umask_permissions(paths: Iterator[Path] | Sequence[Path]) -> None:
+    """Give files that a library wrote with its own permissions (safetensors writes 0600 through
+    a temporary file) the ones every other file gets: 0666 less the umask. Links are skipped."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in paths:
+        if path.is_file() and not path.is_symlink():
+            path.chmod(0o666 & ~umask)
+
+
+def new_file(path: Path, mode: str = "w") -> Any:
+    """Open a file that must not exist yet for writing (`O_EXCL`: never through a link, never
+    truncating someone else's file), with the permissions the umask gives (0666 & ~umask)."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
+    try:
+        descriptor = os.open(path, flags, 0o666)
+    except FileExistsError:
+        raise UserError(f"{path}: already exists; mtnlp writes only files it creates") from None
+    return os.fdopen(descriptor, mode, encoding=None if "b" in mode else "utf-8")
 
 
 def read_json(path: Path) -> dict[str, Any]:
