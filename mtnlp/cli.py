@@ -173,14 +173,16 @@ def predict_split_command(args: argparse.Namespace) -> None:
     from mtnlp.artifacts.run_folder import model_cards
     from mtnlp.cards.load import load_cards
     from mtnlp.inference.submission import check_cards_fit, predict_split
+    from mtnlp.utils.files import output_lock
 
     pipeline = pipeline_of(args)
     cards = load_cards(args.cards or [model_cards(args.model)], _task_list(args.tasks))
     check_cards_fit(cards, args.model, pipeline.model.config)
     data_dirs = [Path(folder) for folder in args.data_dir] if args.data_dir else None
     output_dir = Path(args.output_dir or "predictions")
-    for path, rows in predict_split(pipeline, cards, args.split, data_dirs, output_dir):
-        print(f"{path}: {rows} predictions")
+    with output_lock(output_dir):  # one writer per folder, as for training
+        for path, rows in predict_split(pipeline, cards, args.split, data_dirs, output_dir):
+            print(f"{path}: {rows} predictions")
 
 
 def cards_check_command(args: argparse.Namespace) -> None:

@@ -28,6 +28,7 @@ from mtnlp.training.args import parse_args
 from mtnlp.training.callbacks import default_log_every
 from mtnlp.training.checkpointing import CHECKPOINT_META, check_tasks
 from mtnlp.utils.errors import UserError
+from mtnlp.utils.files import output_lock
 
 from conftest import REPO, task_spec
 
@@ -190,8 +191,8 @@ def test_csv_and_tsv_rows_keep_their_ids(tiny, tmp_path, capsys):
 
 
 # ------------------------------------------------------------------------------ item 18: splits
-def test_split_predictions_follow_the_cards_submission_format(tiny, tmp_path, capsys):
-    _, cards, data, model = tiny
+def with_test_split(cards: Path, tmp_path: Path) -> Path:
+    """Copies of the tiny cards whose test split is their dev file (cls: GLUE-style file name)."""
     shutil.copytree(cards, tmp_path / "cards")
     for name, extra in {
         "cls": "submission: {files: {test: CLS.tsv}, label_format: index}\n",
@@ -202,6 +203,25 @@ def test_split_predictions_follow_the_cards_submission_format(tiny, tmp_path, ca
         dev = f"{name}/dev.{'txt' if name == 'tag' else 'tsv'}"
         text = card.read_text().replace("validation: ", f"test: {dev}, validation: ")
         card.write_text(text + extra)
+    return tmp_path / "cards"
+
+
+def test_split_predictions_take_the_output_lock(tiny, tmp_path, capsys):
+    """Two writers never share a prediction folder: one held by a live run is refused."""
+    _, cards, data, model = tiny
+    cards = with_test_split(cards, tmp_path)
+    out = tmp_path / "out"
+    with output_lock(out), pytest.raises(SystemExit) as exit_:
+        main(["predict", str(model), "--split", "test", "--data-dir", str(data), "--cards",
+              str(cards), "--output-dir", str(out)])  # fmt: skip
+    assert exit_.value.code == 2
+    assert "another run is writing into this folder" in capsys.readouterr().err
+    assert not (out / "CLS.tsv").exists()
+
+
+def test_split_predictions_follow_the_cards_submission_format(tiny, tmp_path, capsys):
+    _, cards, data, model = tiny
+    with_test_split(cards, tmp_path)
     out = tmp_path / "out"
     main(["predict", str(model), "--split", "test", "--data-dir", str(data), "--cards",
           str(tmp_path / "cards"), "--output-dir", str(out)])  # fmt: skip
