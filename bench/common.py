@@ -105,10 +105,12 @@ def temporary_folder() -> Iterator[Path]:
 
 
 # ------------------------------------------------------------------------------ memory
-def _read_hwm_mb() -> float | None:
+def status_mb(field: str) -> float | None:
+    """This process's `field` of /proc/self/status in MB (VmRSS: now, VmHWM: peak); None
+    where there is no /proc."""
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
+            if line.startswith(f"{field}:"):
                 return int(line.split()[1]) / 1024
     except OSError:
         return None
@@ -135,7 +137,7 @@ class PeakRSS:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        hwm = _read_hwm_mb() if self.scope == "block" else None
+        hwm = status_mb("VmHWM") if self.scope == "block" else None
         if hwm is None:
             self.scope = "process"
             hwm = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux

@@ -44,6 +44,7 @@ from bench.common import (
     rounded,
     setup,
     spread,
+    status_mb,
     temporary_folder,
 )
 from bench.glue_quality import glue_score
@@ -241,21 +242,11 @@ def probe(options) -> None:
     torch.set_num_threads(options.threads)
     inputs = json.loads(Path(options.probe_inputs).read_text())
     with PeakRSS() as peak:
-        before = _current_rss_mb()
+        before = status_mb("VmRSS")
         pipeline, context = build(options.probe, options.model, options.export, options.threads, 32)
         with context():
             pipeline(inputs, tasks_reading(pipeline, pair=False) or None)
     print(json.dumps({"peak_rss_mb": peak.mb, "before_load_mb": before, "scope": peak.scope}))
-
-
-def _current_rss_mb() -> float | None:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        return None
-    return None
 
 
 def peak_rss(
