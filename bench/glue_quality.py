@@ -113,7 +113,7 @@ def one_run(options, tasks: str, seed: int, output_dir: Path, finetune: bool) ->
 
 def summarize(runs: list[dict[str, Any]], metric_names: dict[str, list[str]]) -> dict[str, Any]:
     """Per setting: each task's GLUE score and the average, mean and std over seeds; wall time
-    and examples; and per task the multi-task gain over single-task."""
+    and examples; and per task the multi-task gain over single-task (where both ran)."""
     tasks = list(metric_names)
     scores: dict[str, dict[str, list[float]]] = {}
     for run in runs:
@@ -132,9 +132,11 @@ def summarize(runs: list[dict[str, Any]], metric_names: dict[str, list[str]]) ->
             "train_examples": sum(run["train_examples"] for run in chosen) / seeds,
             "peak_rss_mb_train": max(run["peak_rss_mb"] for run in chosen),
         }
+    compared = SINGLE in settings and MULTI in settings  # the peer's runs have neither
     gain = {
         task: settings[MULTI]["tasks"][task]["mean"] - settings[SINGLE]["tasks"][task]["mean"]
         for task in tasks
+        if compared
     }
     return {"settings": settings, "multi_task_gain": gain}
 

@@ -10,6 +10,8 @@ same sampler, so settings differ only in how the tasks share parameters:
 - `soft-l2`, `soft-trace`: per-task copies of the top `--sharing-layers` layers tied by the L2
   (Duong et al. 2015) or trace-norm (Yang & Hospedales 2017) penalty;
 - `cross_stitch` (Misra et al. 2016) and `sluice` (Ruder et al. 2019) columns;
+- `tensor`: columns whose linear weights are slices of a Tucker-factorised tensor shared by the
+  tasks, plus a shared residual (Yang & Hospedales 2017; default ranks 2, 16, 16);
 - `hard+block_sparse` (l1/l2 over the stacked heads; Argyriou et al. 2007) and
   `hard+adversarial` (a task discriminator behind gradient reversal; Liu et al. 2017).
 
@@ -18,7 +20,7 @@ and their average, the wall time, training examples/s and the model's parameter 
 run also logs task affinity (`--affinity-every`) and its mean matrices are reported.
 `--markdown FILE` writes the table for bench/RESULTS.md.
 
-Cost: 7 settings, the column settings running 3 copies of 2 layers; bench/RESULTS.md gives the
+Cost: 8 settings, the column settings running 3 copies of 2 layers; bench/RESULTS.md gives the
 command and minutes of a real run (MiniLM, bf16, 2 CPU cores). Lower `--steps`, cap
 `--max-eval-samples` or pick `--settings` for a cheaper run.
 """
@@ -51,6 +53,7 @@ SETTINGS: dict[str, dict[str, Any]] = {
     "soft-trace": {"sharing": "soft", "soft_penalty": "trace"},
     "cross_stitch": {"sharing": "cross_stitch"},
     "sluice": {"sharing": "sluice"},
+    "tensor": {"sharing": "tensor"},
     "hard+block_sparse": {"block_sparse": 1e-3, "block_sparse_q": "2"},
     "hard+adversarial": {"adversarial": 0.05},
 }

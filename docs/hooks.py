@@ -187,7 +187,7 @@ def card_fields() -> str:
                 default = "see below" if isinstance(value, BaseModel) else yaml_value(value)
             else:
                 default = yaml_value(info.default) if info.default is not PydanticUndefined else ""
-            field = f"{path}.{name}".lstrip(".")
+            field = f"{path}.{info.alias or name}".lstrip(".")  # as a card writes it
             values = "; ".join(part for part in (values, ", ".join(extra)) if part)
             rows.append([code(field), kind, default, values, info.description or ""])
         title = code(path) if path else "The card"

@@ -52,7 +52,6 @@ def _task_list(text: str | None) -> list[str] | None:
 def train_command(argv: Sequence[str]) -> None:
     """`mtnlp train`: the recipe's training run, cards defaulting to ./tasks/glue."""
     from mtnlp.training.args import parse_args
-    from mtnlp.training.stages import run
 
     args = parse_args(
         list(argv),
@@ -65,6 +64,8 @@ def train_command(argv: Sequence[str]) -> None:
         raise UserError(
             f"--cards: give task-card files or folders (there is no {DEFAULT_CARDS} here)"
         )
+    from mtnlp.training.stages import run  # the training stack, once the flags parse
+
     run(args, default_cards=defaults)
 
 
@@ -176,7 +177,11 @@ def predict_split_command(args: argparse.Namespace) -> None:
     from mtnlp.utils.files import output_lock
 
     pipeline = pipeline_of(args)
-    cards = load_cards(args.cards or [model_cards(args.model)], _task_list(args.tasks))
+    # the main tasks by default, as the pipeline answers; an auxiliary task when named
+    tasks = _task_list(args.tasks) or (
+        None if args.cards else pipeline.model.config.main_task_names
+    )
+    cards = load_cards(args.cards or [model_cards(args.model)], tasks)
     check_cards_fit(cards, args.model, pipeline.model.config)
     data_dirs = [Path(folder) for folder in args.data_dir] if args.data_dir else None
     output_dir = Path(args.output_dir or "predictions")
@@ -193,6 +198,10 @@ def cards_check_command(args: argparse.Namespace) -> None:
         cards = load_cards(args.paths)
         if not cards:
             raise UserError(f"{', '.join(args.paths)}: no task cards (*.yaml) found")
+        if args.data_dir:  # also open each card's files: columns, labels, a few rows
+            from mtnlp.data.check import check_card_data
+
+            check_card_data(cards, [Path(folder) for folder in args.data_dir])
     except UserError as error:
         for line in str(error).splitlines():
             print(line, file=sys.stderr)
@@ -355,6 +364,11 @@ def build_parser() -> argparse.ArgumentParser:
         "check", help="validate task cards", description=cards_check_command.__doc__
     )
     check.add_argument("paths", nargs="+", help="card files or folders of cards")
+    check.add_argument(
+        "--data-dir",
+        nargs="+",
+        help="also open each card's local files here and check columns, labels and a few rows",
+    )
     check.set_defaults(run=cards_check_command)
 
     push = commands.add_parser(

@@ -1,8 +1,10 @@
-"""Shared fixtures: where the real data lives, tiny tokenizers and tiny multi-task models."""
+"""Shared fixtures: where the real data lives, tiny tokenizers and tiny multi-task models; how
+the tests start subprocesses (`run_command`, `start_command`) and how long they wait."""
 
 from __future__ import annotations
 
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -12,6 +14,43 @@ DATA_DIR = Path(os.environ.get("MTNLP_DATA_DIR", REPO.parent / "shared" / "data"
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+# The subprocesses of the tests (the CLI, the recipes, `accelerate launch`). A timeout is there to
+# end a hang, never a healthy run on a loaded machine: on 2 cores shared with other work a start
+# that imports torch (5 s alone) has taken over 120 s.
+QUICK_TIMEOUT = 600  # s: start-up, an argument or user error, one model's load and predictions
+TRAINING_TIMEOUT = 1200  # s: a tiny training run (checkpoints, evaluation, 2 processes)
+OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def offline_env(env: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment of a test's subprocess: this one, `OFFLINE`, then `env`."""
+    return {**os.environ, **OFFLINE, **(env or {})}
+
+
+def run_command(
+    command: list[str],
+    *,
+    timeout: float = QUICK_TIMEOUT,
+    env: dict[str, str] | None = None,
+    **kwargs,
+) -> subprocess.CompletedProcess[str]:
+    """`command` run to its end in `offline_env(env)`, its output captured as text."""
+    return subprocess.run(
+        command, capture_output=True, text=True, env=offline_env(env), timeout=timeout, **kwargs
+    )
+
+
+def start_command(
+    command: list[str], *, env: dict[str, str] | None = None, **kwargs
+) -> subprocess.Popen[str]:
+    """`command` started now in `offline_env(env)`, to run beside others (`communicate(...,
+    timeout=...)` waits for it), its input and output through text pipes."""
+    pipe = subprocess.PIPE
+    return subprocess.Popen(
+        command, stdin=pipe, stdout=pipe, stderr=pipe, text=True, env=offline_env(env), **kwargs
+    )
+
 
 TINY_TEXT = [
     "the cat sat on the mat",

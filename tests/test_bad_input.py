@@ -30,7 +30,7 @@ from mtnlp.training.args import parse_args
 from mtnlp.training.samplers import SAMPLERS
 from mtnlp.utils.errors import UserError
 
-from conftest import REPO
+from conftest import REPO, run_command
 
 
 @dataclass
@@ -318,8 +318,7 @@ CLI_TRAIN = [sys.executable, "-m", "mtnlp.cli", "train"]
 
 
 def run(command: list[str]) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=120)
+    return run_command(command)  # each fails early: the start-up is its time
 
 
 @pytest.mark.parametrize(
@@ -382,7 +381,8 @@ HARDENING_ARGS_CASES = [
     Case("config-bool-got-string", config("keep_best: 'yes'\n"),
          "{case}/run.yaml: keep_best: expected true or false, got 'yes'", CONFIG),
     Case("config-not-a-choice", config("batch_mode: both\n"),
-         "{case}/run.yaml: batch_mode: expected 'one_task' or 'all_tasks', got 'both'", CONFIG),
+         "{case}/run.yaml: batch_mode: expected 'one_task', 'all_tasks' or 'joint', "
+         "got 'both'", CONFIG),
     Case("config-list-got-a-number", config("data_dir: 3\n"),
          "{case}/run.yaml: data_dir: expected a list, got 3", CONFIG),
     Case("config-list-item-not-a-string", config("cards: [cards, 3]\n"),
@@ -1045,7 +1045,9 @@ HARDENING_PREDICT_CASES = [
     Case(
         "predict-split-submission-path",
         edit_card("cls", "metrics:", "submission: {files: {test: ../CLS.tsv}}\nmetrics:"),
-        "{case}/cards/cls.yaml: submission.files: '../CLS.tsv' must be a file name, not a path",
+        "{case}/cards/cls.yaml: submission.files.test: file name '../CLS.tsv' may hold only "
+        "letters, digits and _ . + = - (no path separators, '..', control characters or spaces) "
+        "and must not start with '.' or '-'",
         ("--split", "test", "--data-dir", "{case}/data", "--cards", "{case}/cards"),
     ),
     Case(
@@ -1248,7 +1250,7 @@ UNPARSABLE_FLAGS = [
     (
         ["train", "--batch-mode", "both"],
         "mtnlp train: argument --batch_mode/--batch-mode: invalid choice: 'both' (choose from "
-        "'one_task', 'all_tasks') (see mtnlp train --help)",
+        "'one_task', 'all_tasks', 'joint') (see mtnlp train --help)",
     ),
     (
         ["predict", "some/model", "--batch-size", "0"],

@@ -19,7 +19,7 @@ from conftest import REPO
 
 sys.path.insert(0, str(REPO))  # the bench scripts are modules of the repository's bench/ folder
 
-from bench import common, glue_quality, inference, overhead, padding
+from bench import common, compare, glue_quality, inference, overhead, padding, peer
 from mtnlp.cards.load import load_cards
 from mtnlp.data.loaders import example_lengths, make_dataloader
 
@@ -236,3 +236,107 @@ def test_glue_quality_summary():
     assert single["glue_average"]["mean"] == pytest.approx((60 + 80) / 2)
     assert single["wall_seconds"] == 2.0 and single["train_examples"] == 100
     assert summary["multi_task_gain"] == pytest.approx({"rte": 10.0, "mrpc": 5.0})
+
+
+# ------------------------------------------------------------------------------ peer baseline
+def test_peer_labels_first_subwords_as_run_ner_and_mtnlp_do(tiny_tokenizer):
+    from mtnlp.data.words import align_labels
+
+    words = ["unbelievably", "good", "Peter", "the"]
+    word_ids = tiny_tokenizer(words, is_split_into_words=True).word_ids()
+    assert word_ids == [None, 0, 1, 2, 2, 2, 2, 2, 3, None]  # "Peter": p ##e ##t ##e ##r
+    labels = peer.first_subword_labels(word_ids, [0, 0, 1, 0])
+    assert labels == [-100, 0, 0, 1, -100, -100, -100, -100, 0, -100]
+    assert labels == align_labels(word_ids, [0, 0, 1, 0], all_subtokens=False)
+
+
+def test_peer_trains_through_the_trainer_and_resumes(
+    tiny_folder, data_dir, tmp_path, capsys, monkeypatch
+):
+    """Two tiny runs (4 steps each) written as JSON lines as they finish; --resume skips them."""
+    output = tmp_path / "peer.jsonl"
+    argv = [
+        "--model", tiny_folder, "--data-dir", str(data_dir), "--tasks", "rte,ner", "--seeds", "1",
+        "--max-train-samples", "16", "--max-eval-samples", "16", "--epochs", "2",
+        "--batch-size", "8", "--learning-rate", "1e-3", "--score-test", "--output", str(output),
+    ]  # fmt: skip
+    result = peer.main(argv)
+    header, rte, ner, summary = map(json.loads, output.read_text().splitlines())
+    assert header["settings"]["epochs"] == 2.0 and "cpu" in header["machine"]
+    assert rte["setting"] == ner["setting"] == "peer (Trainer)"
+    assert set(rte["metrics"]["rte"]) == {"accuracy"}  # GLUE's test split has no labels
+    assert rte["score"] == pytest.approx(100 * rte["metrics"]["rte"]["accuracy"])
+    assert rte["main_score"] == rte["metrics"]["rte"]["accuracy"]
+    assert rte["train_examples"] == 32 and rte["train_examples_per_second"] > 0
+    ner_metrics = ner["metrics"]["ner"]
+    assert {"overall_f1", "overall_f1_test", "overall_accuracy_test"} <= set(ner_metrics)
+    assert ner["score"] == pytest.approx(100 * ner_metrics["overall_f1"])
+    settings = summary["summary"]["peer (Trainer)"]
+    assert settings == result["settings"]["peer (Trainer)"]
+    both = pytest.approx((rte["score"] + ner["score"]) / 2, rel=1e-4)  # 5 significant digits
+    assert settings["glue_average"]["mean"] == both
+    assert settings["wall_seconds"] == pytest.approx(
+        rte["wall_seconds"] + ner["wall_seconds"], rel=1e-4
+    )
+    capsys.readouterr()
+
+    with pytest.raises(SystemExit, match="exists; pass --resume to continue it"):
+        peer.main(argv)
+    with pytest.raises(SystemExit, match="holds runs with other settings"):
+        peer.main([*argv, "--resume", "--epochs", "1"])
+    lines = len(output.read_text().splitlines())
+
+    def no_training(*args):
+        raise AssertionError("a run the file already has was trained again")
+
+    monkeypatch.setattr(peer, "one_run", no_training)
+    again = peer.main([*argv, "--resume"])
+    assert again["settings"] == result["settings"]
+    assert len(output.read_text().splitlines()) == lines + 2  # a header and a summary
+
+
+def test_compare_puts_both_sides_in_one_table(tmp_path, capsys):
+    """mean ± sd per task and setting, the gain and time against the peer; a peer seed that did
+    not run every task is left out."""
+
+    def run(setting, seed, wall, **accuracies):
+        metrics = {task: {"accuracy": value} for task, value in accuracies.items()}
+        if "mrpc" in metrics:
+            metrics["mrpc"]["f1"] = metrics["mrpc"]["accuracy"] + 0.1
+        return {"setting": setting, "seed": seed, "metrics": metrics, "wall_seconds": wall,
+                "train_examples": 100 * len(metrics), "peak_rss_mb": 500.0}  # fmt: skip
+
+    mtnlp_runs = [run("multi-task", seed, 15.0, rte=0.7, mrpc=0.8) for seed in (1, 2)]
+    machine = {"date": "2026-12-07", "commit": "abc", "cpu": "EPYC", "torch_threads": 1}
+    (tmp_path / "mtnlp.json").write_text(json.dumps({"runs": mtnlp_runs, "machine": machine}))
+    peer_lines = [
+        {"benchmark": "peer", "machine": machine},
+        run("peer (Trainer)", 1, 10.0, rte=0.6),
+        run("peer (Trainer)", 1, 10.0, mrpc=0.7),
+        run("peer (Trainer)", 2, 10.0, rte=0.7),
+        run("peer (Trainer)", 2, 10.0, mrpc=0.8),
+        run("peer (Trainer)", 3, 10.0, rte=0.5),  # interrupted before mrpc
+    ]
+    (tmp_path / "peer.jsonl").write_text("".join(json.dumps(line) + "\n" for line in peer_lines))
+    text = compare.main([str(tmp_path / "mtnlp.json"), str(tmp_path / "peer.jsonl")])
+    assert capsys.readouterr().err == "left out (not every task ran): peer (Trainer) seed 3\n"
+    # peer: rte 60, 70; mrpc (0.7 + 0.8) / 2 = 75, 85; average 67.5, 77.5
+    assert text.splitlines()[:4] == [
+        "| setting | rte | mrpc | average | Δ average | wall s / seed | × time | examples / seed "
+        "| examples/s | peak RSS MB | seeds |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| multi-task | 70.0 ± 0.0 | 85.0 ± 0.0 | 77.5 ± 0.0 | +5.0 | 15 | 0.75 | 200 | 13.3 | 500 "
+        "| 2 |",
+        "| peer (Trainer) | 65.0 ± 7.1 | 80.0 ± 7.1 | 72.5 ± 7.1 | +0.0 | 20 | 1.00 | 200 | 10.0 "
+        "| 500 | 2 |",
+    ]
+    assert "- `peer.jsonl`: 2026-12-07, commit abc, EPYC, 1 torch threads" in text
+    with pytest.raises(SystemExit, match="--baseline 'single-task': no such setting"):
+        compare.main([str(tmp_path / "peer.jsonl"), "--baseline", "single-task"])
+
+
+def test_score_names_of_sentence_and_tagging_cards():
+    cards = load_cards([common.GLUE_CARDS, common.CONLL_CARDS], ["mrpc", "stsb", "chunk", "pos"])
+    assert [common.score_names(card) for card in cards] == [
+        ["accuracy", "f1"], ["pearson", "spearmanr"], ["overall_f1"], ["accuracy"],
+    ]  # fmt: skip

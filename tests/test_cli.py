@@ -10,8 +10,6 @@ from __future__ import annotations
 import csv
 import functools
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -27,7 +25,7 @@ from mtnlp.inference.pipeline import MultiTaskPipeline
 from mtnlp.modeling.model import MultiTaskModel
 from mtnlp.modeling.tiny import tiny_bert, train_wordpiece
 
-from conftest import TINY_TEXT
+from conftest import TINY_TEXT, TRAINING_TIMEOUT, start_command
 
 MTNLP = Path(sys.executable).with_name("mtnlp")
 FAKE_HUB = """
@@ -55,23 +53,20 @@ HfApi.create_commit = create_commit
 
 class Command:
     """`mtnlp ARGS` started in a subprocess now (it imports torch and transformers meanwhile);
-    `result()` feeds `stdin` and waits for it."""
+    `finished` feeds `stdin` and waits for it."""
 
     def __init__(self, *args: str, stdin: str = "", hub_log: Path | None = None, cwd=None):
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-        env["TOKENIZERS_PARALLELISM"] = "false"
+        env = {}
         if hub_log is not None:  # the Hub test double, imported at start-up by `site`
             (hub_log.parent / "sitecustomize.py").write_text(FAKE_HUB)
             env.update(PYTHONPATH=str(hub_log.parent), FAKE_HUB_LOG=str(hub_log))
         self.stdin = stdin
-        self.process = subprocess.Popen(
-            [str(MTNLP), *args], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE, text=True, env=env, cwd=cwd,
-        )  # fmt: skip
+        self.process = start_command([str(MTNLP), *args], env=env, cwd=cwd)
 
     @functools.cached_property
     def finished(self) -> tuple[int, str, str]:
-        stdout, stderr = self.process.communicate(self.stdin, timeout=300)
+        # all of this module's commands share the cores, one of them trains
+        stdout, stderr = self.process.communicate(self.stdin, timeout=TRAINING_TIMEOUT)
         return self.process.returncode, stdout, stderr
 
 

@@ -444,7 +444,7 @@ def card_field_paths() -> set[str]:
     def walk(prefix: str, model: type) -> set[str]:
         paths = set()
         for field, info in model.model_fields.items():
-            path = f"{prefix}{field}"
+            path = f"{prefix}{info.alias or field}"  # as a card writes it (derive.from)
             paths.add(path)
             for suffix, sub in models(info.annotation):
                 paths |= walk(f"{path}{suffix}.", sub)
@@ -565,9 +565,10 @@ def check_card_keys(data: dict, model: type, where: str) -> None:
     """The keys of a partial card are fields of the schema, at every level."""
     from pydantic import BaseModel
 
+    fields = {info.alias or name: info for name, info in model.model_fields.items()}
     for key, value in data.items():
-        assert key in model.model_fields, f"{where}: {key} is not a field of {model.__name__}"
-        annotation = model.model_fields[key].annotation
+        assert key in fields, f"{where}: {key} is not a field of {model.__name__}"
+        annotation = fields[key].annotation
         subs = [annotation, *getattr(annotation, "__args__", ())]
         sub = next((t for t in subs if isinstance(t, type) and issubclass(t, BaseModel)), None)
         if sub is not None and isinstance(value, dict):

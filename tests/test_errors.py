@@ -1,8 +1,9 @@
 """Command-line endings: a reader that closes the pipe early ends the command quietly."""
 
-import subprocess
 import sys
 import textwrap
+
+from conftest import run_command
 
 WRITER = textwrap.dedent(
     """
@@ -20,12 +21,9 @@ WRITER = textwrap.dedent(
 
 def test_closed_pipe_ends_quietly():
     """`mtnlp predict ... | head -1`: no BrokenPipeError traceback, exit status 141."""
-    pipeline = subprocess.run(
+    pipeline = run_command(
         ["bash", "-c", f'{sys.executable} -c "$WRITER" | head -1; echo "${{PIPESTATUS[0]}}" >&2'],
         env={"WRITER": WRITER, "PATH": "/usr/bin:/bin"},
-        capture_output=True,
-        text=True,
-        timeout=60,
     )
     assert pipeline.stdout == "line 0\n"
     assert pipeline.stderr == "141\n"

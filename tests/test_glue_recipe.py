@@ -4,7 +4,6 @@ model that reloads with every head."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 
@@ -14,12 +13,14 @@ from transformers import AutoModel, AutoTokenizer
 
 import mtnlp
 
-from conftest import REPO
+from conftest import QUICK_TIMEOUT, REPO, TRAINING_TIMEOUT, run_command
 
 TASKS = ["sst2", "mrpc", "stsb"]
 
 
-def launch(*args: str, accelerate: bool = True) -> subprocess.CompletedProcess:
+def launch(
+    *args: str, accelerate: bool = True, timeout: float = TRAINING_TIMEOUT
+) -> subprocess.CompletedProcess:
     """The recipe under `accelerate launch --quiet` (quiet: the launcher exits 1 when its script
     fails instead of raising its own traceback), or run directly with `accelerate=False`."""
     launcher = [
@@ -28,8 +29,7 @@ def launch(*args: str, accelerate: bool = True) -> subprocess.CompletedProcess:
     ]  # fmt: skip
     recipe = str(REPO / "recipes" / "glue_mt.py")
     command = [sys.executable, *(launcher if accelerate else []), recipe, *args]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    return run_command(command, timeout=timeout)
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +84,7 @@ def test_saved_model_reloads_and_predicts(trained):
 def test_user_error_exits_2_without_traceback(data_dir, tmp_path, accelerate):
     result = launch(
         "--model", "tiny", "--data-dir", str(data_dir / "glue"), "--tasks", "rte,nope",
-        "--output-dir", str(tmp_path / "out"), accelerate=accelerate,
+        "--output-dir", str(tmp_path / "out"), accelerate=accelerate, timeout=QUICK_TIMEOUT,
     )  # fmt: skip
     # the recipe exits 2; accelerate's launcher turns any failure of its script into exit 1
     assert result.returncode == (1 if accelerate else 2)

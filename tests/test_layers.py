@@ -1,7 +1,7 @@
 """The layers hold at run time, each checked in a fresh interpreter: a saved model loads with
-torch + transformers + safetensors alone, `import mtnlp` stays light, raw-text prediction needs
-neither the training loop nor `datasets`; and `lint-imports` keeps the contracts in
-pyproject.toml.
+torch + transformers + safetensors alone, `import mtnlp` loads neither torch nor transformers yet
+registers the model with transformers' Auto classes, raw-text prediction needs neither the
+training loop nor `datasets`; and `lint-imports` keeps the contracts in pyproject.toml.
 
 transformers itself imports accelerate when it is installed (`modeling_utils`), so "mtnlp loads
 no accelerate" cannot be read off `sys.modules` as such. Instead the scripts below hide the
@@ -12,9 +12,7 @@ transformers sees it as not installed); the code must then work, and none of the
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
 import sys
 import textwrap
 from pathlib import Path
@@ -28,7 +26,7 @@ from mtnlp.cards.load import load_cards
 from mtnlp.modeling.model import MultiTaskModel
 from mtnlp.modeling.tiny import tiny_bert
 
-from conftest import REPO, TINY_TASKS
+from conftest import REPO, TINY_TASKS, run_command
 
 HIDDEN = ("accelerate", "datasets", "evaluate", "matplotlib")  # packages, hidden in the scripts
 
@@ -58,15 +56,7 @@ def run_script(body: str, hide: tuple[str, ...] = HIDDEN) -> dict:
             "print(json.dumps({**result, 'loaded': loaded}))",
         ]
     )
-    env = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    completed = subprocess.run(
-        [sys.executable, "-c", script],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        env={**os.environ, **env},
-        timeout=300,
-    )
+    completed = run_command([sys.executable, "-c", script], cwd=REPO)
     assert completed.returncode == 0, completed.stderr[-3000:]
     return json.loads(completed.stdout.strip().splitlines()[-1])
 
@@ -102,12 +92,47 @@ def test_import_mtnlp_stays_light():
         import mtnlp
 
         result["public"] = [name for name in mtnlp.__all__ if name in vars(mtnlp)]
+        result["heavy"] = sorted({"numpy", "torch", "transformers"} & set(sys.modules))
+        result["model"] = mtnlp.MultiTaskModel.__name__  # lazy: loads on first use
         """
     )
+    assert result["heavy"] == []
+    assert result["public"] == ["UserError"]  # every other name loads on first use
+    assert result["model"] == "MultiTaskModel"
     for package in (*HIDDEN, "mtnlp.training", "mtnlp.hub", "mtnlp.inference", "mtnlp.cards"):
         assert not under(result["loaded"], package), package
-    assert {"MultiTaskModel", "HEADS", "UserError"} <= set(result["public"])  # eager names
-    assert "TaskCard" not in result["public"]  # lazy: loads on first use
+
+
+@pytest.mark.parametrize(
+    "first",
+    [
+        "import mtnlp; from transformers import AutoModel",
+        "import transformers; import mtnlp",
+        # as accelerate checks what is installed: the hook waits for the import itself
+        "import mtnlp, importlib.util; importlib.util.find_spec('transformers')",
+    ],
+    ids=["mtnlp-first", "transformers-first", "looked-up-first"],
+)
+def test_import_mtnlp_registers_the_model_with_the_auto_classes(first, model_folder):
+    """Whichever is imported first, `import mtnlp` is all `AutoModel.from_pretrained` needs; the
+    import hook behind it leaves no trace in transformers nor on `sys.meta_path`."""
+    result = run_script(
+        f"""
+        {first}
+        import importlib.machinery
+
+        from transformers import AutoConfig, AutoModel
+
+        result["config"] = type(AutoConfig.from_pretrained({str(model_folder)!r})).__name__
+        result["model"] = type(AutoModel.from_pretrained({str(model_folder)!r})).__name__
+        result["hooks"] = [type(f).__name__ for f in sys.meta_path if "mtnlp" in type(f).__module__]
+        loader = sys.modules["transformers"].__spec__.loader
+        result["loader"] = isinstance(loader, importlib.machinery.SourceFileLoader)
+        """
+    )
+    assert (result["config"], result["model"]) == ("MultiTaskConfig", "MultiTaskModel")
+    assert result["hooks"] == []
+    assert result["loader"] is True
 
 
 def test_the_pipeline_loads_on_first_use_and_registers_with_transformers():
@@ -177,8 +202,6 @@ def test_import_contracts_are_kept():
     command = shutil.which("lint-imports") or str(Path(sys.executable).with_name("lint-imports"))
     if not Path(command).is_file():
         pytest.skip("lint-imports (import-linter) is not installed")
-    completed = subprocess.run(
-        [command, "--no-cache"], capture_output=True, text=True, cwd=REPO, timeout=600
-    )
+    completed = run_command([command, "--no-cache"], cwd=REPO)
     assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
     assert "0 broken" in completed.stdout

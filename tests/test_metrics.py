@@ -48,6 +48,29 @@ def test_seqeval_strict_entities_by_hand():
     assert result["overall_accuracy"] == pytest.approx(4 / 6)
 
 
+def test_chunking_is_ranked_by_chunk_f1(data_dir):
+    """CoNLL-2003 chunking's card names chunk F1 (seqeval over IOB2 chunks) as its main metric,
+    not word accuracy; the shipped files are IOB2: no chunk starts with I-."""
+    from mtnlp.cards.load import load_card
+    from mtnlp.data.read import load_raw
+    from mtnlp.metrics import main_score
+
+    from conftest import REPO
+
+    card = load_card(REPO / "tasks" / "conll2003" / "chunk.yaml")
+    assert card.main_metric == "overall_f1"  # named in the card, not left to the default's order
+    references = [["B-NP", "I-NP", "B-VP", "B-PP", "B-NP", "O"]]
+    predictions = [["B-NP", "I-NP", "B-VP", "B-NP", "I-NP", "O"]]
+    # gold chunks NP VP PP NP, predicted NP VP NP(3-4): 2 right -> P 2/3, R 1/2, F1 4/7; 4/6 tags
+    results = compute_metrics(card.metrics, predictions, references)
+    assert results["accuracy"] == pytest.approx(4 / 6)
+    assert main_score(results, card.resolved_main_metric(), "chunk") == pytest.approx(4 / 7)
+    for split, data in load_raw(card, ["validation", "test"], [data_dir / "conll2003"]).items():
+        for tags in data["chunk_tags"]:
+            for before, tag in zip(["O", *tags[:-1]], tags, strict=True):
+                assert not tag.startswith("I-") or before[2:] == tag[2:], (split, tags)
+
+
 def test_unknown_metric_lists_known_names():
     with pytest.raises(ValueError, match="unknown metric 'acc'; known: accuracy, f1, f1_macro, "):
         check_metric_name("acc")

@@ -15,7 +15,6 @@ each alone); `ACCELERATE_USE_CPU=1` keeps them on CPU on a machine that has one.
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 import sys
@@ -41,7 +40,7 @@ from mtnlp.training.setup import make_accelerator
 from mtnlp.training.weighting import build_weighting
 from mtnlp.utils.errors import UserError
 
-from conftest import REPO
+from conftest import REPO, TRAINING_TIMEOUT, run_command
 
 CONFIGS = REPO / "recipes" / "accelerate"
 
@@ -64,12 +63,9 @@ def launch(config: str, flags: list[str], **env: str) -> subprocess.CompletedPro
         str(CONFIGS / config), "--main_process_port", str(free_port()), "--monitor_interval",
         "1", str(REPO / "tests" / "tiny_runs.py"), str(REPO / "recipes" / "glue_mt.py"), *flags,
     ]  # fmt: skip
-    environment = {
-        **os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
-        "TOKENIZERS_PARALLELISM": "false", **env,
-    }  # fmt: skip
+    environment = {"ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", **env}
     # a hang (a collective some rank never joins) ends in the timeout
-    return subprocess.run(command, capture_output=True, text=True, env=environment, timeout=240)
+    return run_command(command, timeout=TRAINING_TIMEOUT, env=environment)
 
 
 @pytest.fixture(scope="module")

@@ -5,9 +5,7 @@ batch for batch; a NaN/inf loss skips its update and a diverging run stops with 
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
 import sys
 from pathlib import Path
 
@@ -38,7 +36,7 @@ from mtnlp.training.checkpointing import (
 from mtnlp.training.mixing import TaskStreams
 from mtnlp.utils.errors import UserError
 
-from conftest import REPO
+from conftest import REPO, TRAINING_TIMEOUT, run_command
 
 RUN = [
     "--max-steps", "12", "--gradient-accumulation-steps", "2",
@@ -62,16 +60,13 @@ def tiny_tasks(tmp_path_factory) -> tuple[Path, Path, Path]:
 
 def run_recipe(tasks, output: Path, *extra: str, kill_during_save: int | None = None):
     cards, data, encoder = tasks
-    env = {
-        **os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-        "OMP_NUM_THREADS": "1", "KILL_DURING_SAVE": str(kill_during_save or ""),
-    }  # fmt: skip
+    env = {"OMP_NUM_THREADS": "1", "KILL_DURING_SAVE": str(kill_during_save or "")}
     command = [
         sys.executable, str(REPO / "tests" / "tiny_runs.py"), str(REPO / "recipes" / "glue_mt.py"),
         *RUN, "--model", str(encoder), "--cards", str(cards), "--data-dir", str(data),
         "--output-dir", str(output), *extra,
     ]  # fmt: skip
-    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    return run_command(command, timeout=TRAINING_TIMEOUT, env=env)
 
 
 def flat(record, prefix=""):
@@ -171,6 +166,7 @@ def test_save_is_atomic_rotates_and_refuses_nan(tmp_path, fresh_accelerate):
         save_checkpoint(accelerator, tmp_path, step, specs, keep=2)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-2", "checkpoint-3"]
     meta = json.loads((tmp_path / "checkpoint-3" / CHECKPOINT_META).read_text())
+    assert set(meta.pop("files")) == {"model.safetensors", "optimizer.bin", "random_states_0.pkl"}
     assert meta == {"step": 3, "tasks": specs, "num_processes": 1}
     torch.testing.assert_close(
         load_file(tmp_path / "checkpoint-3" / MODEL_FILE)["weight"], model.weight

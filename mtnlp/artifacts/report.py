@@ -10,6 +10,7 @@ curve of a task is its main score (`metrics.main_score`, the one model selection
 
 from __future__ import annotations
 
+import io
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -17,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from mtnlp.metrics import main_metrics as tasks_main_metrics
 from mtnlp.metrics import main_score
+from mtnlp.utils.files import make_folder, write_file
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -25,6 +27,9 @@ REPORT = "report.md"
 LOSS_PLOT = "plots/loss.png"
 DEV_PLOT = "plots/dev_metrics.png"
 SHARE_PLOT = "plots/task_share.png"
+# the log records of --relationship-prior (task covariance and correlations) and --task-clusters
+RELATIONSHIPS_KEY = "task_relationships"
+CLUSTERS_KEY = "task_clusters"
 
 Series = dict[str, tuple[list[int], list[float]]]  # label -> (steps, values)
 
@@ -154,14 +159,14 @@ def write_report(
     if summary is None:
         path = folder / "train_summary.json"
         summary = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-    (folder / "plots").mkdir(parents=True, exist_ok=True)
+    make_folder(folder / "plots")
     figures = {
         LOSS_PLOT: ("Training loss", plot_losses(history)),
         DEV_PLOT: ("Dev metric", plot_dev_metrics(history, main_metrics)),
         SHARE_PLOT: ("Share of steps", plot_shares(history)),
     }
     for path, (_, figure) in figures.items():
-        figure.savefig(folder / path, dpi=100)
+        save_figure(figure, folder / path)
     task_steps = summary.get("task_steps", {})
     total = sum(task_steps.values()) or 1
     lines = ["# Training report", "", _summary_line(summary), "", "## Final dev metrics", ""]
@@ -183,6 +188,26 @@ def write_report(
         lines += ["", f"## {title}", "", f"![{title}]({path})"]
     if (folder / "plots/affinity.png").is_file():  # affinity.py, with --affinity-every
         lines += ["", "## Task affinity", "", "![Task affinity](plots/affinity.png)"]
-    page = folder / REPORT
-    page.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return page
+    if (folder / "plots/task_relationships.png").is_file():  # affinity.py, --relationship-prior
+        lines += ["", "## Task relationships", "", "Correlations of the learned task covariance."]
+        lines += ["", "![Task relationships](plots/task_relationships.png)"]
+    clusters = next((r for r in reversed(history) if CLUSTERS_KEY in r), None)
+    if clusters is not None:  # --task-clusters
+        lines += ["", "## Task clusters", "", f"At step {clusters['step']}.", ""]
+        lines += _table(
+            ["cluster", "tasks"],
+            [
+                [name, ", ".join(tasks)]
+                for name, tasks in clusters[CLUSTERS_KEY]["clusters"].items()
+                if tasks
+            ],
+        )
+    return write_file(folder / REPORT, "\n".join(lines) + "\n")
+
+
+def save_figure(figure: Figure, path: Path) -> Path:
+    """Save `figure` as a PNG at `path` with `write_file` (a link there is replaced, never
+    followed, as for every file mtnlp writes)."""
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=100)
+    return write_file(path, buffer.getvalue())

@@ -8,20 +8,27 @@ import json
 import logging
 import os
 import re
-import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
-from mtnlp.artifacts.affinity import write_heatmap
-from mtnlp.artifacts.report import write_report
+from mtnlp.artifacts.affinity import write_heatmap, write_relationship_heatmap
+from mtnlp.artifacts.report import CLUSTERS_KEY, RELATIONSHIPS_KEY, write_report
 from mtnlp.cards.load import load_cards
 from mtnlp.cards.schema import TaskCard
 from mtnlp.modeling.model import MultiTaskModel
 from mtnlp.utils.errors import UserError
-from mtnlp.utils.files import LOCK_FILE, WRITE_PROBE, atomic_folder, new_file
+from mtnlp.utils.files import (
+    LOCK_FILE,
+    TEMPORARY_FILE,
+    WRITE_PROBE,
+    atomic_folder,
+    new_file,
+    outside_link_problem,
+    remove_path,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +41,11 @@ TRAIN_LOG = "train_log.jsonl"
 SUMMARY = "train_summary.json"
 MODEL_FILE = "model.safetensors"
 SAVING_PREFIX = ".saving-"  # the final save's staging folder
+# the task structure learned by --relationship-prior / --task-clusters (training/relationships.py):
+# its latest record of the run's log, under these keys
+TASK_RELATIONSHIPS = "task_relationships.json"
+TASK_CLUSTERS = "task_clusters.json"
+TASK_STRUCTURE_FILES = {RELATIONSHIPS_KEY: TASK_RELATIONSHIPS, CLUSTERS_KEY: TASK_CLUSTERS}
 # checkpoints (training/checkpointing.py)
 CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")
 CHECKPOINT_STAGING = ".checkpoint-{step}.tmp"
@@ -56,6 +68,7 @@ _LEFTOVERS = (
     WRITE_PROBE.format(pid="*"),
     TRAIN_LOG,  # written as training goes (`LiveLog`); rewritten by a resumed run
     f".{TRAIN_LOG}.*",  # its temporary name
+    TEMPORARY_FILE.format(name="*", tag="*"),  # `write_file`'s
 )
 
 
@@ -83,7 +96,7 @@ def clean_leftovers(output_dir: Path, logs: bool) -> None:
         if _is_leftover(path) and path.name != LOCK_FILE and (logs or path.name != LOGS)
     ]
     for path in doomed:
-        shutil.rmtree(path) if path.is_dir() else path.unlink()
+        remove_path(path)  # a link is removed, never followed
     if doomed:
         logger.info("removed leftovers of an earlier run: %s", ", ".join(p.name for p in doomed))
 
@@ -115,7 +128,19 @@ def save_run(
             for record in history:
                 log.write(json.dumps(record) + "\n")
         write_heatmap(staging, history)  # task affinity, when --affinity-every logged it
+        write_task_structure(staging, history)
         write_report(staging, history, results, summary)
+
+
+def write_task_structure(folder: Path, history: Sequence[dict[str, Any]]) -> None:
+    """The latest task relationships and task clusters of the run's log, each as its JSON file
+    (`{"step": ..., ...}`), and the relationships' heat map; nothing for a run without them."""
+    for key, name in TASK_STRUCTURE_FILES.items():
+        latest = next((record for record in reversed(history) if key in record), None)
+        if latest is not None:
+            text = json.dumps({"step": latest["step"], **latest[key]}, indent=2) + "\n"
+            (folder / name).write_text(text, encoding="utf-8")
+    write_relationship_heatmap(folder, history)
 
 
 class LiveLog(list):
@@ -160,7 +185,9 @@ def read_cards(folder: Path | None) -> dict[str, TaskCard]:
 
 
 def artifact_files(folder: Path) -> dict[str, Path]:
-    """Path in the repo -> file: the folder's top-level files and its cards/ and plots/."""
+    """Path in the repo -> file: the folder's top-level files and its cards/ and plots/. A link
+    out of the folder is refused (`README.md -> ~/.ssh/id_rsa` in a downloaded folder must never
+    be uploaded); links within it, and a Hub cache snapshot's into its blobs, are followed."""
     files: dict[str, Path] = {}
     for path in sorted(folder.iterdir()):
         if path.name.startswith("."):
@@ -170,6 +197,12 @@ def artifact_files(folder: Path) -> dict[str, Path]:
         elif path.name in PUSHED_FOLDERS:
             for file in sorted(p for p in path.rglob("*") if p.is_file()):
                 files[file.relative_to(folder).as_posix()] = file
+    for file in files.values():
+        if problem := outside_link_problem(file, folder):
+            raise UserError(
+                f"{file}: {problem}; mtnlp uploads only a folder's own files (replace it with "
+                "the file itself, or remove it)"
+            )
     return files
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import codecs
 import math
 import re
+from collections.abc import Iterable
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any, Literal, get_args
 
@@ -29,9 +30,12 @@ from mtnlp.metrics import (
     is_evaluate_module,
     result_keys,
 )
+from mtnlp.modeling.config import AUXILIARY
 from mtnlp.modeling.heads import HEADS
 from mtnlp.modeling.hierarchy import TASK_LAYERS
 from mtnlp.utils.errors import UserError
+from mtnlp.utils.files import MAX_NAME_LENGTH, file_name_problem
+from mtnlp.utils.untrusted import clip
 
 LOCAL_FORMATS = ("tsv", "csv", "json", "conll", "conllu")
 
@@ -49,21 +53,124 @@ EXPECTED = {
     "splits": "a mapping of split name to Hub split name",
     "split_options": "a mapping of split name to reading options",
     "range": "two numbers [low, high]",
+    "class_weights": "a list of positive numbers, one per label, or 'balanced'",
 }
+
+
+BALANCED = "balanced"  # class_weights computed from the training split
+
+TASK_NAME = r"^[A-Za-z][A-Za-z0-9_]*$"  # a task name, also part of file and folder names
+
+
+def shown(value: str, limit: int = 40) -> str:
+    """How a message shows a value from a card or a data file: its `repr` (control characters
+    escaped), cut to `limit` characters, since it may be long or hold line breaks."""
+    return clip(repr(value), limit)
+
+
+def split_name_problem(name: str) -> str | None:
+    """Why `name` cannot be a split name, or None: a split name can become part of a file name
+    (`<task>-<split>.tsv` of `predict --split`), so it is data, never a path."""
+    problem = file_name_problem(name)
+    return None if problem is None else f"split name {shown(name)} {problem}"
+
+
+def check_split_names(names: Iterable[str], field: str) -> None:
+    """A `ValueError` `<field>: split name ...` for the first of `names` that is no split name."""
+    for name in names:
+        problem = split_name_problem(name)
+        if problem is not None:
+            raise ValueError(f"{field}: {problem}")
 
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class HubSource(_Strict):
-    """Where the task lives on the Hugging Face Hub: `datasets.load_dataset(path, name)`."""
+# A Hub source names data on the Hub, never a local path: `datasets.load_dataset` would read a
+# local folder, file or file builder (`csv`, `json`, ...: the working folder's files) instead.
+HUB_ID_PART = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}")  # the Hub's repository name rules
+HUB_ID_WORDS = (
+    "'namespace/name' or 'name' of letters, digits, '-', '_', '.'; at most 96 characters each, "
+    "no '..' or '--'"
+)
+FILE_BUILDERS = frozenset({
+    "arrow", "audiofolder", "cache", "conll", "csv", "eval", "fasta", "fastq", "generator",
+    "genbank", "harbor", "hdf5", "iceberg", "imagefolder", "json", "lance", "meshfolder", "mmcif",
+    "niftifolder", "pandas", "parquet", "pdb", "pdffolder", "spark", "sql", "text", "tsfile",
+    "videofolder", "vortex", "webdataset", "xml",
+})  # fmt: skip
+"""datasets' packaged builders: `load_dataset("json")` reads the working folder's files."""
+LOCAL_DATA = "local files are read through source.local with --data-dir"
+HUB_CONFIG_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+=-]{0,99}")
+# datasets' split names (`\w+(\.\w+)*`), each with an optional slice, joined by `+`
+_HUB_SPLIT = r"\w+(?:\.\w+)*(?:\[-?\d*%?:-?\d*%?\])?"
+HUB_SPLIT = re.compile(rf"{_HUB_SPLIT}(?:\+{_HUB_SPLIT})*", re.ASCII)
 
-    path: str = Field(description="Hub dataset id, e.g. 'nyu-mll/glue'")
+
+def hub_id_problem(value: str) -> str | None:
+    """Why `value` is not a Hub dataset id, which `datasets.load_dataset` may read as a local
+    path instead, or None."""
+    parts = value.split("/")
+    if value in FILE_BUILDERS:
+        return (
+            f"{value!r} is datasets' {value} builder, which reads files of the working folder, "
+            f"not a Hub dataset; {LOCAL_DATA}"
+        )
+    if (
+        len(parts) > 2
+        or not all(HUB_ID_PART.fullmatch(part) for part in parts)
+        or ".." in value
+        or "--" in value
+    ):
+        return f"{shown(value)} is not a Hub dataset id ({HUB_ID_WORDS}); {LOCAL_DATA}"
+    if parts[0] == "buckets":  # datasets reads a path that starts with buckets/ as a bucket
+        return f"{shown(value)} names a Hub storage bucket, not a dataset"
+    return None
+
+
+class HubSource(_Strict):
+    """Where the task lives on the Hugging Face Hub: `datasets.load_dataset(path, name)`. Every
+    value names data on the Hub, never a local path."""
+
+    path: str = Field(
+        description=f"Hub dataset id, e.g. 'nyu-mll/glue' ({HUB_ID_WORDS}); never a local path "
+        "(local files: source.local)"
+    )
     name: str | None = Field(None, description="dataset configuration, e.g. 'rte'")
     splits: dict[str, str] = Field(
         default_factory=dict, description="card split name -> Hub split name, when they differ"
     )
+
+    @field_validator("path")
+    @classmethod
+    def _hub_id(cls, value: str) -> str:
+        problem = hub_id_problem(value)
+        if problem is not None:
+            raise ValueError(problem)
+        return value
+
+    @field_validator("name")
+    @classmethod
+    def _config_name(cls, value: str | None) -> str | None:
+        if value is not None and not HUB_CONFIG_NAME.fullmatch(value):
+            raise ValueError(
+                f"{shown(value)} is not a dataset configuration name (letters, digits, '_', '.', "
+                "'+', '=' and '-', at most 100 characters, not starting with '.' or '-')"
+            )
+        return value
+
+    @field_validator("splits")
+    @classmethod
+    def _hub_split_names(cls, value: dict[str, str]) -> dict[str, str]:
+        for split, hub_split in value.items():
+            if len(hub_split) > 200 or not HUB_SPLIT.fullmatch(hub_split):
+                raise ValueError(
+                    f"{shown(hub_split)} (for split {shown(split)}) is not a Hub split name: "
+                    "letters, digits and '_', with an optional slice, e.g. 'validation_matched' "
+                    "or 'train[:10%]'"
+                )
+        return value
 
 
 class SplitOptions(_Strict):
@@ -112,6 +219,12 @@ class LocalSource(_Strict):
         except LookupError:
             raise ValueError(f"unknown text encoding {value!r}") from None
         return value
+
+    @model_validator(mode="after")
+    def _safe_split_names(self) -> LocalSource:
+        check_split_names(self.files, "files")
+        check_split_names(self.split_options, "split_options")
+        return self
 
     @model_validator(mode="after")
     def _files_inside_data_dir(self) -> LocalSource:
@@ -190,6 +303,12 @@ class DataSource(_Strict):
             raise ValueError("give at least one of 'hub' and 'local'")
         return self
 
+    @model_validator(mode="after")
+    def _safe_hub_split_names(self) -> DataSource:
+        if self.hub is not None:
+            check_split_names(self.hub.splits, "hub.splits")
+        return self
+
 
 class HeadOptions(_Strict):
     """Options of the task's head; which ones apply depends on the task type."""
@@ -200,6 +319,26 @@ class HeadOptions(_Strict):
     )
     hidden_size: PositiveInt | None = Field(
         None, description="size of an extra tanh layer before the output (none by default)"
+    )
+
+
+class FinetuneOptions(_Strict):
+    """This task's settings for `--finetune-each` (MT-DNN's second stage, the task fine-tuned
+    alone from the multi-task model), in place of the run's flags."""
+
+    learning_rate: float | None = Field(
+        None,
+        gt=0.0,
+        allow_inf_nan=False,
+        description="learning rate of the task's fine-tuning run (default: "
+        "--finetune-learning-rate, else --learning-rate)",
+    )
+    epochs: float | None = Field(
+        None,
+        gt=0.0,
+        allow_inf_nan=False,
+        description="epochs of the task's fine-tuning run (default: --finetune-epochs; "
+        "--finetune-max-steps overrides both)",
     )
 
 
@@ -244,21 +383,108 @@ class Submission(_Strict):
         "index", description="column of example ids (without it: the example's position)"
     )
 
-    @field_validator("files")
-    @classmethod
-    def _plain_names(cls, value: dict[str, str]) -> dict[str, str]:
-        for name in value.values():
-            if not name or Path(name).name != name or name.startswith("."):
-                raise ValueError(f"{name!r} must be a file name, not a path")
-        return value
+    @model_validator(mode="after")
+    def _safe_file_names(self) -> Submission:
+        """Split and file names are data, never paths (`file_name_problem`); two splits never
+        share a file (nor two names that differ only in case, which are one file on macOS and
+        Windows)."""
+        check_split_names(self.files, "files")
+        splits: dict[str, str] = {}  # file name, case-folded -> its split
+        for split, file in self.files.items():
+            problem = file_name_problem(file)
+            if problem is not None:
+                raise ValueError(f"files.{split}: file name {shown(file)} {problem}")
+            other = splits.setdefault(file.casefold(), split)
+            if other != split:
+                raise ValueError(f"files.{split}: {file} is also the file of split {other}")
+        return self
+
+
+MAIN = "main"  # a task's role (`TaskCard.role`), else AUXILIARY
+MAX_BINS = 1000  # bins of a derived task: its labels
+
+
+def bin_names(bins: int) -> list[str]:
+    """The label names of a task derived as `bins` ordered bins: '0' (lowest) to str(bins - 1)."""
+    return [str(index) for index in range(bins)]
+
+
+def check_range(value: list[float]) -> None:
+    """A `ValueError` unless `value` is two finite numbers [low, high], low below high."""
+    if len(value) != 2 or not all(map(math.isfinite, value)):
+        raise ValueError("give two finite numbers [low, high]")
+    if not value[0] < value[1]:
+        raise ValueError(f"low ({value[0]:g}) must be below high ({value[1]:g})")
+
+
+class DeriveOptions(_Strict):
+    """A task learned from another card's data and target (quantisation smoothing, Ruder 2017):
+    `bins` learns a regression target again as ordered bins (a classification task), and
+    `regression` learns a graded label again as a regression on its index."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, serialize_by_alias=True)
+
+    parent: str = Field(
+        alias="from",
+        pattern=TASK_NAME,
+        max_length=MAX_NAME_LENGTH,
+        description="the card (among those loaded together) whose data and target this task "
+        "learns again; not itself a derived card",
+    )
+    kind: Literal["bins", "regression"] = Field(
+        description="bins: a regression target as ordered bins (classification); regression: a "
+        "graded classification label as a regression on its index"
+    )
+    bins: int | None = Field(
+        None, ge=2, le=MAX_BINS, description="bins: the number of ordered bins (at least 2)"
+    )
+    range: list[float] | None = Field(
+        None,
+        description="bins: [low, high], split into equal bins (default: the parent's range, "
+        "else the training split's lowest and highest value)",
+    )
+    labels: list[str] | None = Field(
+        None,
+        description="regression: the parent's label names in grade order, label i's target "
+        "being i (default: the parent's labels)",
+    )
+
+    @model_validator(mode="after")
+    def _options_of_kind(self) -> DeriveOptions:
+        if self.kind == "bins" and self.bins is None:
+            raise ValueError("bins: required for kind 'bins' (the number of bins, at least 2)")
+        given = {"bins": self.bins, "range": self.range, "labels": self.labels}
+        own = ("bins", "range") if self.kind == "bins" else ("labels",)
+        extra = [name for name, value in given.items() if value is not None and name not in own]
+        if extra:
+            raise ValueError(f"{extra[0]}: not an option of kind {self.kind!r}; remove it")
+        if self.range is not None:
+            try:
+                check_range(self.range)
+            except ValueError as error:
+                raise ValueError(f"range: {error}") from None
+        if self.labels is not None and len(set(self.labels)) != len(self.labels):
+            raise ValueError("labels: label names must be unique")
+        return self
 
 
 class TaskCard(_Strict):
     """One task: what to read, how to encode it, which head learns it and how it is scored."""
 
-    name: str = Field(pattern=r"^[A-Za-z][A-Za-z0-9_]*$", description="unique task name")
+    name: str = Field(pattern=TASK_NAME, max_length=MAX_NAME_LENGTH, description="unique task name")
     type: str = Field(description="task type: " + ", ".join(HEADS.names()))
     description: str = Field("", description="one line for people and the model card")
+    role: Literal["main", "auxiliary"] = Field(
+        MAIN,
+        description="main, or auxiliary: trained and logged, but not used for model selection "
+        "(--keep-best), --finetune-each, the mean dev score, the pipeline's default tasks or the "
+        "model card's results (a derived card: auxiliary unless given)",
+    )
+    derive: DeriveOptions | None = Field(
+        None,
+        description="learn another card's data and target again: {from: <card>, kind: bins, "
+        "bins: <n>} or {from: <card>, kind: regression}; the data fields come from that card",
+    )
     source: DataSource = Field(description="where the data comes from")
     inputs: list[str] = Field(min_length=1, max_length=2, description=EXPECTED["inputs"])
     label_column: str = Field("label", description="column holding the target")
@@ -281,7 +507,10 @@ class TaskCard(_Strict):
     head: HeadOptions = Field(default_factory=HeadOptions, description="head options")
     layer: int = Field(-1, description="encoder layer the head reads (negative: from the top)")
     stack_on: str | None = Field(
-        None, description="task whose task layer and predicted labels this task builds on (JMT)"
+        None,
+        pattern=TASK_NAME,
+        max_length=MAX_NAME_LENGTH,
+        description="task whose task layer and predicted labels this task builds on (JMT)",
     )
     task_layer: TaskLayerOptions | None = Field(
         None, description="the task's own layer before its head (default: a bilstm if stacked)"
@@ -289,8 +518,38 @@ class TaskCard(_Strict):
     successive_regularization: float = Field(
         0.0, ge=0.0, description="JMT successive regularization delta toward stack_on's update"
     )
+    cluster: str | None = Field(
+        None,
+        pattern=TASK_NAME,
+        max_length=MAX_NAME_LENGTH,
+        description="the task's cluster for `--task-clusters cards` (task clustering "
+        "regularization): tasks that name the same cluster are pulled together",
+    )
     max_length: PositiveInt = Field(128, description="maximum tokens per example")
-    loss_weight: float = Field(1.0, ge=0.0, description="weight of this task's loss")
+    loss_weight: float = Field(
+        1.0,
+        gt=0.0,
+        allow_inf_nan=False,
+        description="multiplies this task's loss in the training objective, under every "
+        "--weighting (static: the task's fixed weight)",
+    )
+    class_weights: list[float] | str | None = Field(
+        None,
+        description="classification, tagging: the weight of each label in the cross-entropy "
+        "(one positive number per label, in the order of 'labels'), or 'balanced': n_examples / "
+        "(n_labels * n_examples_of_label), counted on the training split (tagging: its labelled "
+        "tokens), as sklearn's compute_class_weight('balanced')",
+    )
+    label_smoothing: float = Field(
+        0.0,
+        ge=0.0,
+        lt=1.0,
+        description="classification, tagging: label smoothing of the cross-entropy (torch's "
+        "label_smoothing)",
+    )
+    finetune: FinetuneOptions | None = Field(
+        None, description="this task's --finetune-each settings: learning_rate, epochs"
+    )
     sampling_weight: float = Field(1.0, ge=0.0, description="weight for the 'specified' sampler")
     train_split: str = Field("train", description="split used for training")
     eval_splits: list[str] = Field(
@@ -309,6 +568,15 @@ class TaskCard(_Strict):
             raise ValueError(HEADS.unknown_message(value))
         return value
 
+    @field_validator("train_split", "eval_splits")
+    @classmethod
+    def _safe_split_names(cls, value: str | list[str]) -> str | list[str]:
+        for name in [value] if isinstance(value, str) else value:
+            problem = split_name_problem(name)
+            if problem is not None:
+                raise ValueError(problem)
+        return value
+
     @field_validator("labels")
     @classmethod
     def _unique_labels(cls, value: list[str] | None) -> list[str] | None:
@@ -319,10 +587,18 @@ class TaskCard(_Strict):
     @field_validator("range")
     @classmethod
     def _low_below_high(cls, value: list[float] | None) -> list[float] | None:
-        if value is not None and (len(value) != 2 or not all(map(math.isfinite, value))):
-            raise ValueError("give two finite numbers [low, high]")
-        if value is not None and not value[0] < value[1]:
-            raise ValueError(f"low ({value[0]:g}) must be below high ({value[1]:g})")
+        if value is not None:
+            check_range(value)
+        return value
+
+    @field_validator("class_weights")
+    @classmethod
+    def _weights_or_balanced(cls, value: list[float] | str | None) -> list[float] | str | None:
+        if isinstance(value, str) and value != BALANCED:
+            raise ValueError(f"expected {EXPECTED['class_weights']}, got {shown(value)}")
+        for number, weight in enumerate(value if isinstance(value, list) else []):
+            if not (math.isfinite(weight) and weight > 0):
+                raise ValueError(f"weight {number + 1} is {weight:g}; each must be positive")
         return value
 
     @field_validator("metrics")
@@ -343,11 +619,44 @@ class TaskCard(_Strict):
             raise ValueError(f"range: a {self.type} task has no values to clip; remove 'range'")
         if head.needs_labels and len(self.labels) < 2 and self.type == "classification":
             raise ValueError("labels: a classification task needs at least two labels")
+        self._check_loss_options(head.needs_labels)
         splits = {self.train_split, *self.eval_splits}
         if self.source.local is not None:
             missing = sorted(splits - set(self.source.local.files))
             if missing:
                 raise ValueError(f"source.local.files: no file for split(s) {', '.join(missing)}")
+        return self
+
+    def _check_loss_options(self, has_labels: bool) -> None:
+        """Class weights and label smoothing act on labels: a task with label names only."""
+        for name in ("class_weights", "label_smoothing"):
+            if not has_labels and getattr(self, name):
+                raise ValueError(f"{name}: a {self.type} task has no labels; remove '{name}'")
+        weights = self.class_weights
+        if isinstance(weights, list) and len(weights) != len(self.labels):
+            raise ValueError(
+                f"class_weights: expected one weight per label ({len(self.labels)}), got "
+                f"{len(weights)}"
+            )
+
+    @model_validator(mode="after")
+    def _derived(self) -> TaskCard:
+        """A derived task's type and labels are those its kind learns."""
+        derive = self.derive
+        if derive is None:
+            return self
+        if derive.parent == self.name:
+            raise ValueError("derive.from: a task cannot derive from itself")
+        wanted = "classification" if derive.kind == "bins" else "regression"
+        if self.type != wanted:
+            raise ValueError(f"type: a task derived as {derive.kind} is a {wanted} task")
+        names = bin_names(derive.bins) if derive.kind == "bins" else None
+        if names is not None and self.labels != names:
+            listed = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+            raise ValueError(
+                f"labels: a task derived as {derive.bins} bins has the labels {listed} (leave "
+                "'labels' out)"
+            )
         return self
 
     @model_validator(mode="after")
@@ -433,13 +742,23 @@ class TaskCard(_Strict):
             "stack_on": self.stack_on,
             "task_layer": self.resolved_task_layer(),
             "head": self.head.model_dump(),
+            **({"loss": loss} if (loss := self.loss_options()) else {}),  # the head's loss
             "inputs": self.inputs,
             "metrics": self.metrics,
             "main_metric": self.resolved_main_metric(),
             "max_length": self.max_length,  # the pipeline truncates as training did
             **({"range": list(self.range)} if self.range is not None else {}),  # decode clips
             **({"input_columns": self.input_columns()} if self.input_columns() else {}),
+            **({"role": AUXILIARY} if self.role == AUXILIARY else {}),  # default task lists
         }
+
+    def loss_options(self) -> dict[str, Any]:
+        """The head's loss options where the card sets any (the model config stores them, so a
+        saved model computes the loss it was trained with): `class_weights` (a list, or
+        'balanced', which training resolves from the training split) and `label_smoothing`."""
+        if self.class_weights is None and not self.label_smoothing:
+            return {}
+        return {"class_weights": self.class_weights, "label_smoothing": self.label_smoothing}
 
     def input_columns(self) -> dict[str, str]:
         """Input column -> the data files' column where `source.local.columns` renames it (what
@@ -469,7 +788,7 @@ def _known_fields(loc: list[str]) -> list[str]:
         schema = next((t for t in kinds if isinstance(t, type) and issubclass(t, BaseModel)), None)
         if schema is None:
             return []
-    return list(schema.model_fields)
+    return [field.alias or name for name, field in schema.model_fields.items()]
 
 
 def _describe(error: dict[str, Any]) -> tuple[str, str]:
@@ -487,7 +806,13 @@ def _describe(error: dict[str, Any]) -> tuple[str, str]:
     message = error["msg"].removeprefix("Value error, ")
     # validators of a whole (sub-)model start their message with the field they are about
     named = re.match(r"^([a-z_]+(?:\.[\w-]+)*): (.*)$", message)
-    if named and named[1].split(".")[0] in {*TaskCard.model_fields, *LocalSource.model_fields}:
+    own_fields = {
+        *TaskCard.model_fields,
+        *DataSource.model_fields,
+        *LocalSource.model_fields,
+        *DeriveOptions.model_fields,
+    }
+    if named and named[1].split(".")[0] in own_fields:
         field = named[1] if field == "(card)" else f"{field}.{named[1]}"
         message = named[2]
     return field, message

@@ -11,9 +11,9 @@ import os
 from typing import Any
 
 from mtnlp.cards.schema import LocalSource, TaskCard
-from mtnlp.data.read import clip
 from mtnlp.modeling.heads import HEADS
 from mtnlp.utils.errors import UserError
+from mtnlp.utils.untrusted import clip
 
 MISSING = "the value is missing or null"
 
@@ -97,24 +97,60 @@ def _sentence_lines(path: str, mtime_ns: int, comments: bool, encoding: str) -> 
     return starts
 
 
+def number_of(card: TaskCard, value: Any, place: str) -> float:
+    """A regression target: a finite number; a `UserError` naming `place` and the column else."""
+    if value is None:  # a JSON null or missing key, a Hub dataset's missing value
+        raise UserError(f"{place}: {card.label_column}: {MISSING}")
+    try:
+        if isinstance(value, str) and "_" in value:  # Python's 1_000, not a data number
+            raise ValueError(value)
+        target = float(value)
+    except (TypeError, ValueError):
+        raise UserError(
+            f"{place}: {card.label_column}: {clip(repr(value))} is not a number"
+        ) from None
+    if not math.isfinite(target):  # a NaN/inf target makes every loss it touches NaN/inf
+        raise UserError(f"{place}: {card.label_column}: {clip(repr(value))} is not a finite number")
+    return target
+
+
+def bin_of(value: float, low: float, high: float, bins: int) -> int:
+    """The bin of `value` among `bins` equal bins of [low, high]: bin i holds
+    [low + i * width, low + (i + 1) * width), the last one also `high`; values outside the range
+    fall into the end bins."""
+    index = math.floor((value - low) * bins / (high - low))
+    return min(max(index, 0), bins - 1)
+
+
+def derived_label(card: TaskCard, value: Any, place: str) -> int | float | None:
+    """The target of a derived task (`card.derive`): the bin of the parent's number, or the
+    index of the parent's graded label as a number. Without `derive.range` (which `load_task`
+    sets from the training split, and a run folder's cards hold) a bin is not known yet: the
+    value is checked, and None returned."""
+    derive = card.derive
+    if derive.kind == "bins":
+        number = number_of(card, value, place)
+        if derive.range is None:
+            return None
+        low, high = derive.range
+        return bin_of(number, low, high, derive.bins)
+    index = label_to_id(value, derive.labels)
+    if index is None:
+        raise UserError(
+            f"{place}: {card.label_column}: {clip(repr(value))} is not one of the labels of "
+            f"{derive.parent} ({', '.join(derive.labels)})"
+        )
+    return float(index)
+
+
 def encode_label(card: TaskCard, value: Any, place: str) -> Any:
     """The label id(s) or float target of one example; a bad value raises a `UserError`."""
     if value is None:  # a JSON null or missing key, a Hub dataset's missing value
         raise UserError(f"{place}: {card.label_column}: {MISSING}")
+    if card.derive is not None:
+        return derived_label(card, value, place)
     if card.type == "regression":
-        try:
-            if isinstance(value, str) and "_" in value:  # Python's 1_000, not a data number
-                raise ValueError(value)
-            target = float(value)
-        except (TypeError, ValueError):
-            raise UserError(
-                f"{place}: {card.label_column}: {clip(repr(value))} is not a number"
-            ) from None
-        if not math.isfinite(target):  # a NaN/inf target makes every loss it touches NaN/inf
-            raise UserError(
-                f"{place}: {card.label_column}: {clip(repr(value))} is not a finite number"
-            )
-        return target
+        return number_of(card, value, place)
     if HEADS.get(card.type).token_level:
         ids = [label_to_id(tag, card.labels) for tag in value]
         if None in ids:

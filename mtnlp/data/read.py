@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import re
 import warnings
 from collections.abc import Iterator, Sequence
@@ -15,10 +16,12 @@ from typing import Any
 
 import datasets
 from datasets.exceptions import DatasetNotFoundError
+from datasets.packaged_modules import _PACKAGED_DATASETS_MODULES
 from pandas.errors import ParserWarning
 
-from mtnlp.cards.schema import TYPED_FORMATS, LocalSource, TaskCard
+from mtnlp.cards.schema import TYPED_FORMATS, LocalSource, TaskCard, shown
 from mtnlp.utils.errors import UserError, first_line
+from mtnlp.utils.untrusted import clip
 
 CONLLU_COLUMNS = ["id", "form", "lemma", "upos", "xpos", "feats", "head", "deprel", "deps", "misc"]
 
@@ -119,12 +122,6 @@ def _reader_kwargs(local: LocalSource, path: Path) -> tuple[str, dict[str, Any]]
             "encoding": local.encoding,
         }
     return "conll", {"column_names": local.column_names, "encoding": local.encoding}
-
-
-def clip(text: str, limit: int = 40) -> str:
-    """`text`, cut to `limit` characters with an ellipsis: error messages quote a value from a
-    data file only as far as it helps find it, never a whole (possibly private) row."""
-    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def _no_content(error: BaseException) -> str:
@@ -256,30 +253,56 @@ def load_raw(
     card has a local source), else from the Hub; `labels=False` reads splits that may have no
     label column (test sets)."""
     raw: dict[str, datasets.Dataset] = {}
-    use_local = bool(data_dirs) and card.source.local is not None
-    if not use_local and card.source.hub is None:
-        raise UserError(f"{card.where}: source: no Hub dataset; pass --data-dir for local files")
     for split in splits:
-        if use_local:
-            path = resolve_file(card, split, data_dirs)
-            dataset = _read_local_file(card, path, split, labels)
-            where = str(path)
-        else:
-            hub = card.source.hub
-            hub_split = hub.splits.get(split, split)
-            dataset = _load_hub(card, hub_split)
-            where = f"{hub.path}/{hub.name or ''}:{hub_split}"
-        _check_columns(card, dataset, where, labels)
-        if len(dataset) == 0:
-            raise UserError(f"{where}: the {split} split of task {card.name} has no examples")
+        dataset, where = read_split(card, split, data_dirs, labels=labels)
+        problems = split_problems(card, dataset, where, split, labels)
+        if problems:  # the first; `mtnlp cards check --data-dir` lists them all
+            raise UserError(problems[0])
         raw[split] = dataset
     return raw
+
+
+def read_split(
+    card: TaskCard,
+    split: str,
+    data_dirs: Sequence[Path] | None = None,
+    *,
+    labels: bool = True,
+) -> tuple[datasets.Dataset, str]:
+    """One split of the card as `load_raw` reads it, not yet checked (`split_problems`), and
+    where it was read from (the file, or the Hub dataset and split)."""
+    if data_dirs and card.source.local is not None:
+        path = resolve_file(card, split, data_dirs)
+        return _read_local_file(card, path, split, labels), str(path)
+    hub = card.source.hub
+    if hub is None:
+        raise UserError(f"{card.where}: source: no Hub dataset; pass --data-dir for local files")
+    hub_split = hub.splits.get(split, split)
+    return _load_hub(card, hub_split), f"{hub.path}/{hub.name or ''}:{hub_split}"
+
+
+def split_problems(
+    card: TaskCard, dataset: datasets.Dataset, where: str, split: str, labels: bool
+) -> list[str]:
+    """What makes a split unusable for its card, one line each: a column the card reads that is
+    not in the data (after `columns` renames it; the label column only with `labels`), no
+    examples."""
+    problems = [
+        f"{where}: column {column!r} (named by {card.where}) not found; "
+        f"columns: {_column_list(dataset)}"
+        for column in ([*card.inputs, card.label_column] if labels else card.inputs)
+        if column not in dataset.column_names
+    ]
+    if len(dataset) == 0:
+        problems.append(f"{where}: the {split} split of task {card.name} has no examples")
+    return problems
 
 
 def _load_hub(card: TaskCard, split: str) -> datasets.Dataset:
     """One split of the card's Hub dataset; one line when the Hub cannot be reached (offline, no
     network) or has no such dataset, instead of datasets' traceback."""
     hub = card.source.hub
+    _check_not_local(card)
     named = f"{hub.path}, {hub.name}" if hub.name else hub.path
     try:
         return datasets.load_dataset(hub.path, hub.name, split=split)
@@ -302,13 +325,22 @@ def _load_hub(card: TaskCard, split: str) -> datasets.Dataset:
         ) from None
 
 
-def _check_columns(card: TaskCard, dataset: datasets.Dataset, where: str, labels: bool) -> None:
-    for column in [*card.inputs, card.label_column] if labels else card.inputs:
-        if column not in dataset.column_names:
-            raise UserError(
-                f"{where}: column {column!r} (named by {card.where}) not found; "
-                f"columns: {_column_list(dataset)}"
-            )
+def _check_not_local(card: TaskCard) -> None:
+    """Refuse a Hub id that `datasets.load_dataset` would read locally instead: a file or folder
+    of that name in the working folder (`./nyu-mll/glue`), or one of its file builders (`json`
+    reads the working folder's files). Cards refuse local paths already; this is the check at
+    the point of reading."""
+    path = card.source.hub.path
+    if path in _PACKAGED_DATASETS_MODULES:
+        reason = f"is datasets' {path} builder, which reads files of the working folder"
+    elif os.path.lexists(path):
+        reason = f"is also a local path in the working folder {Path.cwd()}, which datasets reads"
+    else:
+        return
+    raise UserError(
+        f"{card.where}: source.hub.path: {shown(path)} {reason} instead of the Hub; read local "
+        "files through source.local with --data-dir"
+    )
 
 
 def _column_list(dataset: datasets.Dataset, most: int = 10) -> str:

@@ -5,7 +5,7 @@ alignment; `datasets.map`, cached).
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -14,11 +14,12 @@ import datasets
 from transformers import PreTrainedTokenizerBase
 
 from mtnlp.cards.schema import TaskCard
-from mtnlp.data.labels import MISSING, encode_label, row_place
-from mtnlp.data.read import clip, describe_source, load_raw, root_cause
+from mtnlp.data.labels import MISSING, encode_label, number_of, row_place
+from mtnlp.data.read import describe_source, load_raw, root_cause
 from mtnlp.data.words import align_labels
 from mtnlp.modeling.heads import HEADS
 from mtnlp.utils.errors import UserError
+from mtnlp.utils.untrusted import clip
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +43,23 @@ def _is_text(value: Any, words: bool) -> bool:
     return isinstance(value, str)
 
 
+def row_problem(card: TaskCard, row: Mapping[str, Any], labelled: bool = True) -> str | None:
+    """What training refuses in one row before tokenizing it, as `column: problem`, or None: an
+    input that is not text (a JSON null or number) and, for tagging, not one tag per token.
+    Label values themselves are checked by `encode_label`."""
+    words = HEADS.get(card.type).token_level
+    for column in card.inputs:
+        value = row[column]
+        if not _is_text(value, words):
+            return f"{column}: {MISSING if value is None else f'{clip(repr(value))} is not text'}"
+    tags = row[card.label_column] if labelled and words else None
+    tokens = row[card.inputs[0]]
+    if tags is not None and (len(tags) != len(tokens) or "" in tags):
+        count = sum(1 for tag in tags if tag != "")
+        return f"{card.label_column}: {count} tags for {len(tokens)} tokens"
+    return None
+
+
 def tokenize_task(
     card: TaskCard,
     tokenizer: PreTrainedTokenizerBase,
@@ -58,21 +76,11 @@ def tokenize_task(
 
     def encode(batch: dict[str, list], indices: list[int]) -> dict[str, list]:
         texts = [batch[column] for column in card.inputs]
-        for column, values in zip(card.inputs, texts, strict=True):  # e.g. a JSON null or number
-            for value, index in zip(values, indices, strict=True):
-                if not _is_text(value, token_level):
-                    place = row_place(where, index, local)
-                    problem = MISSING if value is None else f"{clip(repr(value))} is not text"
-                    raise UserError(f"{place}: {column}: {problem}")
-        if token_level:
-            for words, tags, index in zip(
-                batch[card.inputs[0]], batch[card.label_column], indices, strict=True
-            ):
-                if len(words) != len(tags) or "" in tags:
-                    raise UserError(
-                        f"{row_place(where, index, local)}: {card.label_column}: "
-                        f"{sum(1 for tag in tags if tag != '')} tags for {len(words)} tokens"
-                    )
+        for offset, index in enumerate(indices):
+            row = {column: batch[column][offset] for column in (*card.inputs, card.label_column)}
+            problem = row_problem(card, row)
+            if problem is not None:
+                raise UserError(f"{row_place(where, index, local)}: {problem}")
         encoded = tokenizer(
             *texts,
             truncation=True,
@@ -129,6 +137,28 @@ def warn_truncated(card: TaskCard, where: str, truncated_words: Sequence[int]) -
     return sum(lost)
 
 
+def with_training_range(
+    card: TaskCard, dataset: datasets.Dataset, data_dirs: Sequence[Path] | None
+) -> TaskCard:
+    """`card` (derived as bins) with `derive.range` [lowest, highest] of the training split's
+    values; a `UserError` when they are all the same (no bins to learn)."""
+    split = card.train_split
+    where = describe_source(card, split, data_dirs)
+    local = card.source.local.for_split(split) if Path(where).is_file() else None
+    values = []
+    for index, value in enumerate(dataset[card.label_column]):
+        try:
+            values.append(number_of(card, value, ""))
+        except UserError:  # the row's place, found only for a bad value (it reads the file)
+            number_of(card, value, row_place(where, index, local))
+    if not values or min(values) == max(values):
+        raise UserError(
+            f"{card.where}: derive.range: the {split} split has no two different values to "
+            "bin; give derive.range [low, high]"
+        )
+    return card.replace(derive={**card.derive.model_dump(), "range": [min(values), max(values)]})
+
+
 def load_task(
     card: TaskCard,
     tokenizer: PreTrainedTokenizerBase,
@@ -139,9 +169,16 @@ def load_task(
     max_eval_samples: int | None = None,
     label_all_subtokens: bool = False,
 ) -> TaskData:
-    """Read, cap and tokenize the train split (when `train`) and every dev split of a card."""
-    splits = ([card.train_split] if train else []) + list(card.eval_splits)
+    """Read, cap and tokenize the train split (when `train`) and every dev split of a card. A
+    task derived as bins without `derive.range` gets the training split's lowest and highest
+    value as its range (read for that even when not `train`; `TaskData.card` holds it)."""
+    needs_range = card.derive is not None and card.derive.kind == "bins" and not card.derive.range
+    splits = ([card.train_split] if train or needs_range else []) + list(card.eval_splits)
     raw = load_raw(card, splits, data_dirs)
+    if needs_range:
+        card = with_training_range(card, raw[card.train_split], data_dirs)
+        if not train and card.train_split not in card.eval_splits:
+            del raw[card.train_split]
     caps = {
         card.train_split: max_train_samples,
         **dict.fromkeys(card.eval_splits, max_eval_samples),

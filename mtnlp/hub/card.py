@@ -31,11 +31,11 @@ from mtnlp.artifacts.run_folder import (
 )
 from mtnlp.cards.schema import TaskCard
 from mtnlp.metrics import evaluate_id, result_evaluate_id
-from mtnlp.modeling.config import MultiTaskConfig
+from mtnlp.modeling.config import MultiTaskConfig, is_auxiliary, main_tasks
 from mtnlp.modeling.loading import read_config
 from mtnlp.modeling.model import MODEL_CARD
 from mtnlp.utils.errors import UserError
-from mtnlp.utils.files import read_json
+from mtnlp.utils.files import read_json, write_file
 
 LIBRARY_NAME = "mtnlp"
 
@@ -173,7 +173,7 @@ def card_metadata(
     """The card's YAML metadata, with a model-index entry per task and dev metric. Metrics go by
     evaluate's ids (`pearsonr`, `seqeval`), each result by the name mtnlp reports it under."""
     evals = []
-    for task in config.tasks or []:
+    for task in main_tasks(config.tasks or []):  # an auxiliary task's results are no claim
         name, card = task["name"], cards.get(task["name"])
         dataset_type, dataset_name, dataset_config = _dataset(name, card)
         for key, value in results.get(name, {}).items():
@@ -191,7 +191,7 @@ def card_metadata(
                     metric_value=value,
                 )
             )
-    tasks = config.tasks or []
+    tasks = main_tasks(config.tasks or [])
     types = sorted({task_type(t) for t in tasks})
     datasets = sorted({c.source.hub.path for c in cards.values() if c.source.hub is not None})
     metrics = {evaluate_id(name) for t in tasks for name in t.get("metrics") or []} - {None}
@@ -231,8 +231,9 @@ def _encoder_origin(base_model: str | None) -> tuple[str, str]:
 
 
 def _usage_values(config: MultiTaskConfig) -> dict[str, Any]:
-    """The usage snippet's input and tasks: those reading the same kind of input as the first."""
-    tasks = config.tasks or []
+    """The usage snippet's input and tasks: the main tasks reading the same kind of input as the
+    first."""
+    tasks = main_tasks(config.tasks or [])
     pair = bool(tasks) and len(tasks[0]["inputs"]) == 2
     text = (
         '{"text": "A man is playing a guitar.", "text_pair": "Someone plays music."}'
@@ -249,11 +250,12 @@ def _usage_values(config: MultiTaskConfig) -> dict[str, Any]:
 def _task_rows(
     config: MultiTaskConfig, cards: dict[str, TaskCard], results: dict[str, dict[str, float]]
 ) -> list[list[str]]:
-    """Per task: name, type, description, labels, metrics, dev results."""
+    """Per task: name, type (auxiliary tasks marked: their heads are in the model, but the
+    pipeline runs them only when named), description, labels, metrics, dev results."""
     rows = [
         [
             task["name"],
-            task["type"],
+            task["type"] + (" (auxiliary)" if is_auxiliary(task) else ""),
             cards[task["name"]].description if task["name"] in cards else "",
             ", ".join(task.get("labels") or []) or "(a real value)",
             ", ".join(_local_name(metric) for metric in task.get("metrics") or []),  # scripts
@@ -357,8 +359,5 @@ def write_model_card(folder: Path, repo_id: str | None = None) -> Path:
     """
     folder = Path(folder)
     content = model_card(read_config(folder), repo_id or folder.resolve().name, folder)
-    path = folder / MODEL_CARD
-    staging = folder / f".{MODEL_CARD}.tmp"
-    staging.write_text(content, encoding="utf-8")
-    staging.replace(path)  # a reader sees the old card or the new one, never half of it
-    return path
+    # a reader sees the old card or the new one, never half of it; a link there is replaced
+    return write_file(folder / MODEL_CARD, content)

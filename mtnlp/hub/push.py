@@ -27,7 +27,7 @@ from mtnlp.artifacts.report import REPORT
 from mtnlp.artifacts.run_folder import TRAIN_LOG, artifact_files
 from mtnlp.hub.card import LIBRARY_NAME, check_languages, check_license, model_card
 from mtnlp.modeling.config import MultiTaskConfig
-from mtnlp.modeling.loading import check_weight_files, read_config
+from mtnlp.modeling.loading import check_model_folder, check_tokenizer_files, read_config
 from mtnlp.modeling.model import LABEL_MAPS, MultiTaskModel, is_companion_file
 from mtnlp.utils.errors import UserError, first_line
 
@@ -118,8 +118,9 @@ def push_to_hub(
     with tempfile.TemporaryDirectory() as staging:
         if isinstance(model, (str, Path)):
             folder = Path(model)
-            config = read_config(folder)
-            check_weight_files(folder)  # safetensors, whole: never a pickle-only model
+            config = read_config(folder)  # checked: sizes, tasks, no FIFO (limits.py)
+            check_model_folder(folder)  # safetensors, whole: never a pickle-only model
+            check_tokenizer_files(folder)
         else:
             folder, config = Path(staging), model.config
             model.save_pretrained(folder)

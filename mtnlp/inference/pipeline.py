@@ -145,8 +145,9 @@ class MultiTaskPipeline:
     `{"label", "score"}`, regression `{"value"}`, tagging `{"words", "tags", "scores"}` (one tag
     per whitespace-split word, read at its first sub-token; None for words cut off by
     `max_length`) plus `"entities"` when the tags name entities. One input gives one dict, a list
-    gives a list. `tasks=None` runs every task that reads the input's kind (a text or a pair);
-    a named task that does not fit an input raises a `UserError`.
+    gives a list. `tasks=None` runs every main task that reads the input's kind (a text or a
+    pair): auxiliary tasks (`role: auxiliary`) keep their heads in the model but run only when
+    named; a named task that does not fit an input raises a `UserError`.
 
     Each task truncates its input at the `max_length` it was trained with (its card's); models
     saved before mtnlp stored it, and every task when `max_length` is given here, truncate at
@@ -248,9 +249,9 @@ class MultiTaskPipeline:
         return results[0] if single else results
 
     def check_tasks(self, tasks: Sequence[str] | None) -> list[str]:
-        """`tasks` (default: every task of the model), checked: a `UserError` for an unknown
-        task or a tagging task of text pairs."""
-        names = self.tasks if tasks is None else list(tasks)
+        """`tasks` (default: every main task of the model; an auxiliary task only when named),
+        checked: a `UserError` for an unknown task or a tagging task of text pairs."""
+        names = self.model.config.main_task_names if tasks is None else list(tasks)
         unknown = [name for name in names if name not in self.tasks]
         if unknown:
             raise UserError(

@@ -4,6 +4,7 @@ and `TaskStates` (what one encoder pass gives each task).
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -12,7 +13,18 @@ from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 from transformers.modeling_outputs import ModelOutput
 
+from mtnlp.modeling.limits import (
+    MAX_HEAD_SIZE,
+    MAX_LABELS,
+    MAX_LAYERS,
+    MAX_TASK_LENGTH,
+    MAX_TASKS,
+    TASK_PART_SIZES,
+    check_size,
+)
 from mtnlp.utils.errors import UserError
+from mtnlp.utils.files import file_name_problem
+from mtnlp.utils.untrusted import clip, kind_of
 
 
 class MultiTaskConfig(PreTrainedConfig):
@@ -36,6 +48,11 @@ class MultiTaskConfig(PreTrainedConfig):
     @property
     def task_names(self) -> list[str]:
         return [task["name"] for task in self.tasks or []]
+
+    @property
+    def main_task_names(self) -> list[str]:
+        """The tasks that are not auxiliary: the pipeline's and the model card's by default."""
+        return [task["name"] for task in main_tasks(self.tasks or [])]
 
     def task(self, name: str) -> dict[str, Any]:
         for task in self.tasks or []:
@@ -63,34 +80,74 @@ class MultiTaskConfig(PreTrainedConfig):
         }
 
 
-def check_task_entries(tasks: Any) -> None:
-    """A config's task list must name each task once, with unique string label names: a
-    `UserError` (one line) otherwise, so that a label id never means two labels."""
+AUXILIARY = "auxiliary"  # a task's `role` (its card's): trained, but no main task of the model
+
+
+def is_auxiliary(task: Mapping[str, Any]) -> bool:
+    """Whether a task entry (a card's `model_spec()`) is an auxiliary task: trained, but left
+    out of model selection, the mean dev score and default task lists."""
+    return task.get("role") == AUXILIARY
+
+
+def main_tasks(tasks: Iterable[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    """The task entries that are not auxiliary (`is_auxiliary`), in order."""
+    return [task for task in tasks if not is_auxiliary(task)]
+
+
+def check_task_entries(tasks: Any, where: str = "config.json") -> None:
+    """A config's task list (untrusted: a downloaded config.json) must name each task once, by
+    a name that can be a file name (`file_name_problem`), with unique string label names (so a
+    label id never means two labels) and sizes within the limits of `limits.py`; a `UserError`
+    (one line, `where` naming the file) otherwise."""
     if tasks is None:
         return
     if not isinstance(tasks, list) or not all(isinstance(task, dict) for task in tasks):
-        raise UserError("config.json: tasks: expected a list of task objects")
+        raise UserError(f"{where}: tasks: expected a list of task objects")
+    if len(tasks) > MAX_TASKS:
+        raise UserError(
+            f"{where}: tasks: {len(tasks)} tasks, more than a model may have ({MAX_TASKS})"
+        )
     seen: set[str] = set()
     for number, task in enumerate(tasks):
         name = task.get("name")
-        if not isinstance(name, str):
-            raise UserError(f"config.json: tasks[{number}].name: expected a task name (a string)")
+        if problem := file_name_problem(name):
+            raise UserError(f"{where}: tasks[{number}].name: {problem}")
         if name in seen:
-            raise UserError(f"config.json: tasks[{number}]: task {name[:40]!r} appears twice")
+            raise UserError(f"{where}: tasks[{number}]: task {name!r} appears twice")
         seen.add(name)
-        labels = task.get("labels")
-        if labels is None:
-            continue
+        check_task_sizes(task, where, f"tasks[{number}] ({name})")
+
+
+def check_task_sizes(task: dict[str, Any], where: str, field: str) -> None:
+    """One task's labels (unique strings, at most `MAX_LABELS`), `max_length`, `layer` and the
+    sizes of its head and task layer; `field` names the task in errors."""
+    labels = task.get("labels")
+    if labels is not None:
         if not isinstance(labels, list) or not all(isinstance(label, str) for label in labels):
+            raise UserError(f"{where}: {field}.labels: expected a list of strings")
+        if len(labels) > MAX_LABELS:
             raise UserError(
-                f"config.json: tasks[{number}] ({name[:40]}).labels: expected a list of strings"
+                f"{where}: {field}.labels: {len(labels)} labels, more than a task may have "
+                f"({MAX_LABELS})"
             )
-        twice = next((label for i, label in enumerate(labels) if label in labels[:i]), None)
-        if twice is not None:
-            raise UserError(
-                f"config.json: tasks[{number}] ({name[:40]}).labels: label {twice[:40]!r} "
-                "appears twice"
-            )
+        seen: set[str] = set()
+        for label in labels:
+            if label in seen:
+                raise UserError(f"{where}: {field}.labels: label {clip(label)!r} appears twice")
+            seen.add(label)
+    if task.get("max_length") is not None:
+        check_size(task["max_length"], 1, MAX_TASK_LENGTH, where, f"{field}.max_length")
+    if "layer" in task:
+        check_size(task["layer"], -MAX_LAYERS, MAX_LAYERS, where, f"{field}.layer")
+    for part, sizes in TASK_PART_SIZES.items():
+        options = task.get(part)
+        if options is None:
+            continue
+        if not isinstance(options, dict):
+            raise UserError(f"{where}: {field}.{part}: expected an object, got {kind_of(options)}")
+        for size in sizes:
+            if options.get(size) is not None:
+                check_size(options[size], 1, MAX_HEAD_SIZE, where, f"{field}.{part}.{size}")
 
 
 @dataclass

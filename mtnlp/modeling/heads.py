@@ -8,11 +8,13 @@ without the card files.
 
 from __future__ import annotations
 
+import math
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
+from mtnlp.utils.errors import UserError
 from mtnlp.utils.registry import Registry
 
 HEADS: Registry[type[TaskHead]] = Registry("task type")
@@ -32,6 +34,28 @@ class TaskHead(nn.Module):
         super().__init__()
         self.task = task
         self.dropout = nn.Dropout(task["head"]["dropout"])
+        # from the config, not the weights file (a model saved without them loads as before)
+        self.class_weights, self.label_smoothing = (
+            loss_options(task) if self.needs_labels else (None, 0.0)
+        )
+
+    def class_weight_tensor(self, device: torch.device) -> Tensor | None:
+        """The class weights as a float32 tensor on `device` (None: unweighted)."""
+        if self.class_weights is None:
+            return None
+        return torch.tensor(self.class_weights, dtype=torch.float32, device=device)
+
+    def cross_entropy(self, logits: Tensor, labels: Tensor, reduction: str = "mean") -> Tensor:
+        """Cross-entropy in float32 with the task's class weights and label smoothing (torch's
+        definitions: the mean divides by the summed weights of the targets)."""
+        return nn.functional.cross_entropy(
+            logits.float(),
+            labels,
+            weight=self.class_weight_tensor(logits.device),
+            ignore_index=IGNORE_INDEX,
+            reduction=reduction,
+            label_smoothing=self.label_smoothing,
+        )
 
     def forward(
         self, hidden: Tensor, attention_mask: Tensor, labels: Tensor | None = None
@@ -89,6 +113,34 @@ class PooledHead(TaskHead):
         return self.out(x)
 
 
+def loss_options(task: dict[str, Any]) -> tuple[list[float] | None, float]:
+    """The class weights (None: unweighted) and label smoothing of a task with labels, from
+    its `loss` entry (absent: plain cross-entropy). config.json is untrusted input: a value that
+    does not fit is a `UserError` naming the task and the field."""
+    options = task.get("loss") or {}
+    where = f"task {task['name']}: loss"
+    if not isinstance(options, dict):
+        raise UserError(f"{where}: expected an object of class_weights and label_smoothing")
+    weights, smoothing = options.get("class_weights"), options.get("label_smoothing", 0.0)
+    if type(smoothing) not in (int, float) or not 0 <= smoothing < 1:
+        raise UserError(f"{where}.label_smoothing: expected a number in [0, 1)")
+    if weights is None:
+        return None, float(smoothing)
+    if weights == "balanced":
+        raise UserError(
+            f"{where}.class_weights: 'balanced' is computed from the training data; training "
+            "puts the weights in its place"
+        )
+    count = len(task["labels"])
+    if (
+        not isinstance(weights, list)
+        or len(weights) != count
+        or not all(type(w) in (int, float) and math.isfinite(w) and w > 0 for w in weights)
+    ):
+        raise UserError(f"{where}.class_weights: expected {count} positive numbers, one per label")
+    return [float(weight) for weight in weights], float(smoothing)
+
+
 @HEADS.register("classification")
 class ClassificationHead(PooledHead):
     """Single-label classification of a sentence or sentence pair (cross-entropy)."""
@@ -103,7 +155,7 @@ class ClassificationHead(PooledHead):
         logits = self.project(hidden, attention_mask)  # (batch, num_labels)
         loss = None
         if labels is not None:
-            loss = nn.functional.cross_entropy(logits.float(), labels)
+            loss = self.cross_entropy(logits, labels)
         return logits, loss
 
     def decode(self, logits: Tensor) -> Tensor:
@@ -149,15 +201,18 @@ class TaggingHead(TaskHead):
         logits = self.out(self.dropout(hidden))  # (batch, tokens, num_labels)
         loss = None
         if labels is not None:
-            # (batch * tokens, num_labels) against (batch * tokens,); a batch whose tokens are all
-            # ignored gives a zero loss (not NaN), still connected to the graph.
-            total = nn.functional.cross_entropy(
-                logits.float().flatten(0, 1),
-                labels.flatten(),
-                ignore_index=IGNORE_INDEX,
-                reduction="sum",
-            )
-            loss = total / (labels != IGNORE_INDEX).sum().clamp(min=1)
+            # (batch * tokens, num_labels) against (batch * tokens,): torch's mean (over the
+            # labelled tokens, or their summed class weights), except that a batch whose tokens
+            # are all ignored gives a zero loss (not NaN), still connected to the graph.
+            labels = labels.flatten()
+            total = self.cross_entropy(logits.flatten(0, 1), labels, reduction="sum")
+            labelled = labels != IGNORE_INDEX
+            weights = self.class_weight_tensor(logits.device)
+            if weights is None:
+                loss = total / labelled.sum().clamp(min=1)
+            else:
+                weights = weights[labels.clamp(min=0)] * labelled
+                loss = total / weights.sum().clamp(min=torch.finfo(torch.float32).tiny)
         return logits, loss
 
     def decode(self, logits: Tensor) -> Tensor:

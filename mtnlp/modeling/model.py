@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from fnmatch import fnmatchcase
@@ -41,13 +42,19 @@ from mtnlp.modeling.hierarchy import (
 from mtnlp.modeling.loading import (
     build_encoder,
     check_loaded,
-    check_weight_files,
+    check_model_folder,
     quiet_load_report,
 )
 from mtnlp.modeling.sharing import build_sharing, resolve_sharing
 from mtnlp.modeling.single_task import check_same_logits, probe_inputs, single_task_model
 from mtnlp.utils.errors import UserError
-from mtnlp.utils.files import umask_permissions
+from mtnlp.utils.files import (
+    atomic_folder,
+    make_folder,
+    outside_link_problem,
+    umask_permissions,
+    write_file,
+)
 
 LABEL_MAPS = "label_maps.json"
 MODEL_CARD = "README.md"
@@ -60,6 +67,8 @@ COMPANION_FILES = (
     "cards/*.yaml",
     "plots/*.png",
 )
+# transformers' name for a shard of the weights; a save removes the shards it did not write
+_WEIGHT_SHARD = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
 
 
 def is_companion_file(name: str) -> bool:
@@ -72,12 +81,20 @@ def is_companion_file(name: str) -> bool:
 
 
 def read_companion_files(folder: Path) -> dict[str, bytes]:
-    """The companion files of a model folder: relative name -> content."""
+    """The companion files of a model folder: relative name -> content. A link out of the folder
+    (`README.md -> ~/.ssh/id_rsa` in a downloaded folder) is refused: what is read here is saved
+    and uploaded with the model."""
     files: dict[str, bytes] = {}
     for pattern in COMPANION_FILES:
         for path in sorted(folder.glob(pattern)):
-            if path.is_file():
-                files[path.relative_to(folder).as_posix()] = path.read_bytes()
+            if not (path.is_file() or path.is_symlink()):
+                continue
+            if problem := outside_link_problem(path, folder):
+                raise UserError(
+                    f"{path}: {problem}; mtnlp reads only a model folder's own files (replace "
+                    "it with the file itself, or remove it)"
+                )
+            files[path.relative_to(folder).as_posix()] = path.read_bytes()
     return files
 
 
@@ -216,7 +233,7 @@ class MultiTaskModel(PreTrainedModel):
         """
         name = str(pretrained_model_name_or_path)
         if Path(name).is_dir():
-            check_weight_files(Path(name))
+            check_model_folder(Path(name))  # config.json's sizes, no FIFO, whole safetensors
         loading_info = kwargs.pop("output_loading_info", False)
         kwargs.update(use_safetensors=True, ignore_mismatched_sizes=True)  # checked below
         try:
@@ -239,13 +256,24 @@ class MultiTaskModel(PreTrainedModel):
         """transformers' save (config.json, model.safetensors), plus what else a model folder
         needs: `label_maps.json` (each labelled task's `id2label`/`label2id`, from the config)
         and the model's `companion_files`. With `push_to_hub=True` these are uploaded as well
-        (see `_upload_modified_files`)."""
+        (see `_upload_modified_files`). Everything is written into a fresh staging folder inside
+        `save_directory`, then moved in (`atomic_folder`): a link found at one of the names is
+        replaced, never written through, and no file is ever half-written."""
         self._check_companion_names()
-        super().save_pretrained(save_directory, is_main_process, *args, **kwargs)
-        if is_main_process and Path(save_directory).is_dir():
+        folder = Path(save_directory)
+        if not is_main_process or folder.is_file():  # transformers' own handling
+            super().save_pretrained(save_directory, is_main_process, *args, **kwargs)
+            return
+        if kwargs.get("push_to_hub"):  # transformers names the repository after the folder
+            kwargs.setdefault("repo_id", os.path.basename(os.path.normpath(save_directory)))
+        with atomic_folder(folder, merge=True) as staging:
+            super().save_pretrained(staging, is_main_process, *args, **kwargs)
             # safetensors writes 0600; the folder's other files get 0666 less the umask
-            umask_permissions(Path(save_directory).glob("*.safetensors"))
-            self._write_folder_files(Path(save_directory))
+            umask_permissions(staging.glob("*.safetensors"))
+            self._write_folder_files(staging)
+            for stale in folder.iterdir():  # as transformers cleans a folder it saves into
+                if _WEIGHT_SHARD.fullmatch(stale.name) and not (staging / stale.name).exists():
+                    stale.unlink()
 
     def _check_companion_names(self) -> None:
         """Every `companion_files` name is a companion file's (never a path out of the folder)."""
@@ -263,12 +291,10 @@ class MultiTaskModel(PreTrainedModel):
             LABEL_MAPS: (json.dumps(self.config.label_maps(), indent=2) + "\n").encode("utf-8"),
             **self.companion_files,
         }
-        for name, content in files.items():
-            target = folder / name
-            target.parent.mkdir(parents=True, exist_ok=True)
-            if target.is_symlink():  # replace a link (into a Hub cache?), never write through it
-                target.unlink()
-            target.write_bytes(content)
+        for name, content in files.items():  # a link at a name is replaced, never followed
+            if "/" in name:  # cards/, plots/
+                make_folder((folder / name).parent)
+            write_file(folder / name, content)
         return list(files)
 
     def _upload_modified_files(

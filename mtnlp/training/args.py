@@ -21,7 +21,6 @@ from dataclasses import field, fields
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import yaml
 from pydantic import (
     BeforeValidator,
     ConfigDict,
@@ -43,6 +42,7 @@ from mtnlp.utils.values import (
     problem_words,
     word_from_yaml,
 )
+from mtnlp.utils.yaml_files import load_yaml
 
 if typing.TYPE_CHECKING:
     from mtnlp.modeling.sharing import SharingMismatch
@@ -110,6 +110,14 @@ class TrainArguments:
         ),
     )
     learning_rate: PositiveNumber = field(default=5e-5, metadata=_help("peak AdamW learning rate"))
+    head_learning_rate: PositiveNumber | None = field(
+        default=None,
+        metadata=_help(
+            "peak learning rate of the parameters that do not come from the pretrained encoder: "
+            "heads, task layers, label embeddings, the adversarial discriminator (default: "
+            "--learning-rate; see docs/training.md)"
+        ),
+    )
     weight_decay: NonNegativeNumber = field(default=0.01, metadata=_help("AdamW weight decay"))
     warmup_ratio: Share = field(
         default=0.1, metadata=_help("share of steps with linear warm-up (then linear decay)")
@@ -161,22 +169,23 @@ class TrainArguments:
     dwa_temperature: PositiveNumber = field(
         default=2.0, metadata=_help("dwa weighting: softmax temperature")
     )
-    batch_mode: Literal["one_task", "all_tasks"] = field(
+    batch_mode: Literal["one_task", "all_tasks", "joint"] = field(
         default="one_task",
         metadata=_help(
             "one_task: one task per micro-batch (MT-DNN); all_tasks: a batch of every task per "
-            "micro-batch (LibMTL; pcgrad needs it)"
+            "micro-batch (LibMTL; pcgrad needs it); joint: one_task, but tasks that read the same "
+            "inputs share each batch and one encoder pass (docs/sampling.md)"
         ),
     )
     sharing: str = field(
         default="hard",
         metadata=_help(
-            "parameter sharing: hard (one encoder), soft, cross_stitch or sluice (per-task top "
-            "layers; see docs/sharing.md)"
+            "parameter sharing: hard (one encoder), soft, cross_stitch, sluice or tensor "
+            "(per-task top layers; see docs/sharing.md)"
         ),
     )
     sharing_layers: PositiveInt = field(
-        default=2, metadata=_help("soft/cross_stitch/sluice: top encoder layers each task copies")
+        default=2, metadata=_help("column strategies: top encoder layers each task copies")
     )
     soft_penalty: Literal["l2", "trace"] = field(
         default="l2",
@@ -195,6 +204,15 @@ class TrainArguments:
         default=100.0,
         metadata=_help("cross_stitch/sluice: mixing units learn at this x --learning-rate"),
     )
+    tensor_rank_task: PositiveInt = field(
+        default=2, metadata=_help("tensor: rank of the Tucker factorisation's task mode")
+    )
+    tensor_rank_in: PositiveInt = field(
+        default=16, metadata=_help("tensor: rank of its input mode (at most the hidden size)")
+    )
+    tensor_rank_out: PositiveInt = field(
+        default=16, metadata=_help("tensor: rank of its output mode (at most the hidden size)")
+    )
     block_sparse: NonNegativeNumber = field(
         default=0.0,
         metadata=_help("weight of the l1/lq block-sparse penalty on the task heads (0: off)"),
@@ -205,6 +223,35 @@ class TrainArguments:
     adversarial: NonNegativeNumber = field(
         default=0.0,
         metadata=_help("gradient-reversal weight of an adversarial task discriminator (0: off)"),
+    )
+    relationship_prior: NonNegativeNumber = field(
+        default=0.0,
+        metadata=_help(
+            "weight of a matrix-normal prior tr(W^T Omega^-1 W) on the stacked task heads with a "
+            "learned task covariance Omega (deep relationship networks; 0: off)"
+        ),
+    )
+    relationship_update_every: PositiveInt = field(
+        default=10, metadata=_help("relationship prior: update Omega every N steps")
+    )
+    task_clusters: Annotated[str | None, BeforeValidator(word_from_yaml)] = field(
+        default=None,
+        metadata=_help(
+            "task clustering penalty on the task heads: K clusters learned by k-means, or "
+            "'cards' (each card's cluster field)"
+        ),
+    )
+    cluster_mean_weight: NonNegativeNumber = field(
+        default=1e-4, metadata=_help("task clusters: weight of the mean task's squared norm")
+    )
+    cluster_between_weight: NonNegativeNumber = field(
+        default=1e-4, metadata=_help("task clusters: weight of the between-cluster variance")
+    )
+    cluster_within_weight: NonNegativeNumber = field(
+        default=1e-3, metadata=_help("task clusters: weight of the within-cluster variance")
+    )
+    cluster_update_every: PositiveInt = field(
+        default=10, metadata=_help("task clusters K: k-means again every N steps")
     )
     affinity_every: PositiveInt | None = field(
         default=None,
@@ -346,6 +393,9 @@ SHARING_FLAG_OPTIONS = {
     "sluice_subspaces": "subspaces",
     "orthogonality_weight": "orthogonality_weight",
     "mixing_lr_scale": "lr_scale",
+    "tensor_rank_task": "rank_task",
+    "tensor_rank_in": "rank_in",
+    "tensor_rank_out": "rank_out",
 }
 
 
@@ -463,13 +513,9 @@ def parse_args(
 
 
 def _read_config(path: str, known: set[str]) -> dict:
-    """A config file's arguments, checked (the file and key name each bad value)."""
-    try:
-        data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
-    except FileNotFoundError:
-        raise UserError(f"--config: {path}: file not found") from None
-    except yaml.YAMLError as error:
-        raise UserError(f"--config: {path}: YAML syntax error: {error}") from None
+    """A config file's arguments, checked (the file and key name each bad value); the file is
+    read with bounded work (`load_yaml`)."""
+    data = load_yaml(path, where=f"--config: {path}", what="YAML file") or {}
     if not isinstance(data, dict):
         raise UserError(f"{path}: expected a mapping of argument names to values")
     written = {str(key).replace("-", "_"): key for key in data}  # field name -> key as written

@@ -20,10 +20,14 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import pickle
+import re
 import reprlib
-import shutil
+import stat
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from fnmatch import fnmatch
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +49,13 @@ from mtnlp.artifacts.run_folder import (
 from mtnlp.modeling.loading import check_weight_files
 from mtnlp.training.state import ENTRIES, Run, RunState
 from mtnlp.utils.errors import UserError, first_line
-from mtnlp.utils.files import commit_folder, staging_folder, umask_permissions
+from mtnlp.utils.files import (
+    commit_folder,
+    file_digest,
+    remove_path,
+    staging_folder,
+    umask_permissions,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -75,7 +85,8 @@ def list_checkpoints(output_dir: Path) -> list[Path]:
 
 def resolve_checkpoint(spec: str | None, output_dir: Path) -> Path | None:
     """The checkpoint folder `--resume-from-checkpoint` names: a path, or `latest` (the highest
-    step in `output_dir`); None when not resuming."""
+    step in `output_dir`), its files checked against `checkpoint.json` (`verify_files`) before
+    anything reads them; None when not resuming."""
     if spec is None:
         return None
     if spec == "latest":
@@ -91,7 +102,7 @@ def resolve_checkpoint(spec: str | None, output_dir: Path) -> Path | None:
                 f"--resume-from-checkpoint latest: no checkpoint-<step> folder in {output_dir}; "
                 f"{way_out}"
             )
-        return found[-1]
+        return verify_files(found[-1])
     path = Path(spec)
     if not path.is_dir():
         raise UserError(f"--resume-from-checkpoint: {spec}: no such folder")
@@ -100,7 +111,7 @@ def resolve_checkpoint(spec: str | None, output_dir: Path) -> Path | None:
             f"--resume-from-checkpoint: {spec}: not a checkpoint folder (no {CHECKPOINT_META} "
             f"or {MODEL_FILE}); give a checkpoint-<step> folder or 'latest'"
         )
-    return path
+    return verify_files(path)
 
 
 def model_weights(checkpoint: Path) -> str | None:
@@ -156,6 +167,134 @@ def read_meta(checkpoint: Path) -> dict[str, Any]:
         if not valid(meta[key]):
             raise UserError(f"{path}: {key}: expected {expected}, got {reprlib.repr(meta[key])}")
     return meta
+
+
+# ------------------------------------------------------------------------------ integrity
+FILES = "files"  # checkpoint.json: relative path -> {"size": bytes, "sha256": hex digest}
+_RECORD_NAME = re.compile(r"[^/\x00-\x1f\x7f]{1,255}(/[^/\x00-\x1f\x7f]{1,255}){0,7}")
+_PLAIN_NAME = re.compile(r"[\w.+=/-]{1,200}")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+# what a checkpoint's files hold, for the messages (fnmatch on the file's first path part)
+_ROLES = (
+    (MODEL_FILE, "the model's weights"),
+    ("pytorch_model_fsdp*", "the model's weights"),
+    ("optimizer*", "the optimizer's state"),
+    ("scheduler*", "the learning-rate schedule's state"),
+    ("scaler*", "the gradient scaler's state"),
+    (RNG_FILE.format(process="*"), "the random number generators' states"),
+    (STATE_FILE.format(index="*"), "the run's state"),
+    ("*sampler*", "the data order's state"),
+)
+
+
+def file_records(folder: Path) -> dict[str, dict[str, Any]]:
+    """Every file of a written checkpoint but `checkpoint.json` (whichever engine wrote it: the
+    weights, accelerate's optimizer, scheduler, RNG and state files, FSDP's shard folders, the
+    tokenizer): relative path -> size and SHA-256, for `verify_files`."""
+    return {
+        name: {"size": path.stat().st_size, "sha256": file_digest(path)}
+        for name, path in _entries(folder).items()
+    }
+
+
+def _entries(folder: Path) -> dict[str, Path]:
+    """Relative path -> path of everything in `folder` but `checkpoint.json`, links (to files or
+    folders) and special files included, never followed."""
+    entries = {}
+    for root, folders, names in os.walk(folder):
+        links = [name for name in folders if os.path.islink(os.path.join(root, name))]
+        for name in [*names, *links]:
+            path = Path(root, name)
+            entries[path.relative_to(folder).as_posix()] = path
+    entries.pop(CHECKPOINT_META, None)
+    return dict(sorted(entries.items()))
+
+
+def _role(name: str) -> str:
+    first = name.split("/")[0]
+    return next((role for pattern, role in _ROLES if fnmatch(first, pattern)), "a checkpoint file")
+
+
+def _shown_name(name: str) -> str:
+    """A file name for a message: as it is when it is a plain one, else quoted and cut short."""
+    return name if _PLAIN_NAME.fullmatch(name) else reprlib.repr(name)
+
+
+def _read_records(checkpoint: Path, meta: dict[str, Any]) -> dict[str, dict[str, Any]] | None:
+    """The `files` record of checkpoint.json (None: written before mtnlp recorded it), checked:
+    plain relative names (never a way out of the folder), sizes and digests of the right form."""
+    records = meta.get(FILES)
+    if records is None:
+        return None
+    path = checkpoint / CHECKPOINT_META
+    if not isinstance(records, dict):
+        raise UserError(f"{path}: {FILES}: expected a mapping, got {type(records).__name__}")
+    for name, record in records.items():
+        if not _RECORD_NAME.fullmatch(name) or {".", ".."} & set(name.split("/")):
+            raise UserError(
+                f"{path}: {FILES}: {_shown_name(name)} is not a file name inside the checkpoint"
+            )
+        if not (
+            isinstance(record, dict)
+            and _is_step(record.get("size"))
+            and isinstance(record.get("sha256"), str)
+            and _SHA256.fullmatch(record["sha256"])
+        ):
+            raise UserError(
+                f'{path}: {FILES}: {_shown_name(name)}: expected {{"size": bytes, "sha256": '
+                "64 hex digits}"
+            )
+    return records
+
+
+def verify_files(checkpoint: Path) -> Path:
+    """Check `checkpoint`'s files against the sizes and SHA-256 digests `checkpoint.json`
+    records, before any of them is read (accelerate unpickles the state files): a file missing,
+    added, replaced by a link, truncated, changed or foreign is named in one `UserError`. Sizes
+    are compared first (cheap: truncation), then digests. A checkpoint written by an mtnlp
+    that recorded no digests loads, with a warning. Returns `checkpoint`."""
+    records = _read_records(checkpoint, read_meta(checkpoint))
+    if records is None:
+        logger.warning(
+            "--resume-from-checkpoint: %s: written by an earlier mtnlp, without file digests in "
+            "%s, so its files cannot be verified", checkpoint, CHECKPOINT_META,
+        )  # fmt: skip
+        return checkpoint
+    where = f"--resume-from-checkpoint: {checkpoint}"
+    entries = _entries(checkpoint)
+    for name in records:
+        if name not in entries:
+            raise UserError(
+                f"{where}: {_shown_name(name)} is missing ({_role(name)}), so the run cannot "
+                "continue exactly; resume from a complete checkpoint"
+            )
+    for name in entries:
+        if name not in records:
+            raise UserError(
+                f"{where}: {_shown_name(name)} is not one of its files ({CHECKPOINT_META} does "
+                "not list it); remove it, or resume from a complete checkpoint"
+            )
+
+    def damaged(name: str, why: str) -> UserError:
+        return UserError(
+            f"{where}: {_shown_name(name)} is damaged ({_role(name)}: {why}); resume from a "
+            "complete checkpoint"
+        )
+
+    for name, record in records.items():
+        status = entries[name].lstat()
+        if not stat.S_ISREG(status.st_mode):
+            raise damaged(name, "not a regular file but a link or a special file")
+        if status.st_size != record["size"]:
+            raise damaged(
+                name, f"{status.st_size} bytes where {CHECKPOINT_META} records {record['size']}"
+            )
+    for name, record in records.items():
+        if file_digest(entries[name]) != record["sha256"]:
+            raise damaged(
+                name, f"its sha256 differs from {CHECKPOINT_META}: the file was changed or damaged"
+            )
+    return checkpoint
 
 
 def in_folder(checkpoint: Path, output_dir: Path) -> bool:
@@ -271,7 +410,7 @@ def save_checkpoint(
     staging = staging_folder(final)  # CHECKPOINT_STAGING: what `latest` never picks
     if accelerator.is_main_process:
         for leftover in output_dir.glob(CHECKPOINT_STAGING.format(step="*")):  # from killed saves
-            shutil.rmtree(leftover)
+            remove_path(leftover)
         staging.mkdir(parents=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(staging), safe_serialization=True)
@@ -279,12 +418,13 @@ def save_checkpoint(
     if accelerator.is_main_process:
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
+        umask_permissions(staging.rglob("*.safetensors"))  # safetensors writes 0600
         meta = {"step": step, "tasks": list(specs), "num_processes": accelerator.num_processes}
         if arguments is not None:
             meta["args"] = {**arguments, "model": _model_id(arguments["model"])}
+        meta[FILES] = file_records(staging)  # every process's files are written by now
         text = json.dumps(meta, indent=2, default=str) + "\n"
         (staging / CHECKPOINT_META).write_text(text, encoding="utf-8")
-        umask_permissions(staging.rglob("*.safetensors"))  # safetensors writes 0600
         # an earlier copy of this step (resumed from before it) is replaced
         commit_folder(staging, final)
         _rotate(output_dir, keep, final)
@@ -298,7 +438,7 @@ def _rotate(output_dir: Path, keep: int | None, newest: Path) -> None:
         return
     others = [path for path in list_checkpoints(output_dir) if path != newest]
     for old in others[: max(0, len(others) - (keep - 1))]:
-        shutil.rmtree(old)
+        remove_path(old)
 
 
 def _step(checkpoint: Path) -> int:
@@ -311,7 +451,7 @@ def remove_checkpoints(output_dir: Path, after: int | None = None) -> None:
     that was abandoned (they would outrank this run's own)."""
     doomed = [path for path in list_checkpoints(output_dir) if after is None or _step(path) > after]
     for path in doomed:
-        shutil.rmtree(path)
+        remove_path(path)
     if doomed and after is not None:
         logger.warning(
             "resuming at step %d: removed %s of %s (newer than the resumed checkpoint, from the "
@@ -388,6 +528,11 @@ def load_checkpoint(
     try:
         with _registered_as(accelerator, [run_state.entries[n] for n in names] if legacy else None):
             accelerator.load_state(str(checkpoint))
+    except (pickle.UnpicklingError, EOFError) as error:  # unverified (earlier mtnlp): foreign
+        raise UserError(
+            f"--resume-from-checkpoint: {checkpoint}: a state file cannot be read as one "
+            f"({first_line(error)}); resume from a complete checkpoint"
+        ) from None
     except (OSError, RuntimeError, KeyError, ValueError) as error:
         raise UserError(
             f"--resume-from-checkpoint: {checkpoint}: does not fit this run's model "

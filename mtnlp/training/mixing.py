@@ -1,22 +1,30 @@
 """How the loop mixes tasks: the epoch's length per batch mode, the task sampler, the
 distributed engines each mode supports, and an endless stream of batches per task.
 
-Two batch modes: `one_task` draws one task per micro-batch from the sampler (MT-DNN, Liu et al.
+Three batch modes: `one_task` draws one task per micro-batch from the sampler (MT-DNN, Liu et al.
 2019); `all_tasks` takes a batch of every task per micro-batch (LibMTL, Lin & Zhang 2023), which
-gradient-based weightings such as PCGrad need. Every process makes the same choices.
+gradient-based weightings such as PCGrad need; `joint` is `one_task` where tasks that read the
+same inputs (CoNLL-2003 POS, chunk, NER) form one group, drawn as one task, whose batches carry
+every grouped task's labels through one encoder pass. Every process makes the same choices.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 from accelerate import Accelerator, skip_first_batches
 from accelerate.utils import DistributedType
+from datasets import Dataset
 from torch.utils.data import DataLoader
 
+from mtnlp.cards.schema import TaskCard
+from mtnlp.data.labels import row_place
+from mtnlp.data.loaders import first_different_row
+from mtnlp.data.read import describe_source
 from mtnlp.training.samplers import TaskSampler, build_sampler
 from mtnlp.training.weighting import LossWeighting
 from mtnlp.utils.errors import UserError
@@ -26,10 +34,78 @@ ENGINE_TYPES = (DistributedType.DEEPSPEED, DistributedType.FSDP, DistributedType
 
 
 def epoch_length(batch_mode: str, task_sizes: dict[str, int]) -> int:
-    """Micro-batches in one epoch: every task's batches once (`one_task`, MT-DNN), or as many as
-    the largest task has (`all_tasks`, LibMTL; smaller tasks cycle)."""
+    """Micro-batches in one epoch: every task's batches once (`one_task`, MT-DNN; `joint`, where
+    a group of tasks with the same inputs is one task), or as many as the largest task has
+    (`all_tasks`, LibMTL; smaller tasks cycle)."""
     sizes = task_sizes.values()
-    return sum(sizes) if batch_mode == "one_task" else max(sizes)
+    return max(sizes) if batch_mode == "all_tasks" else sum(sizes)
+
+
+def joint_groups(
+    cards: Sequence[TaskCard], train_sets: dict[str, Dataset], data_dirs: Sequence[Path] | None
+) -> list[list[str]]:
+    """The groups of two or more tasks whose tokenized training inputs are the same row by row
+    (compared, not assumed from the cards), in card order; tasks in no group are left out.
+
+    Two cards that read the same source, split and input columns but tokenize to different
+    inputs (e.g. another `max_length`) are refused, naming the first row that differs."""
+    groups: list[list[TaskCard]] = []
+    for card in cards:
+        for group in groups:
+            row = first_different_row(train_sets[group[0].name], train_sets[card.name])
+            if row is None:
+                group.append(card)
+                break
+            if same_source(group[0], card):
+                raise UserError(
+                    f"--batch-mode joint: {group[0].where} and {card.where} read the same "
+                    f"training inputs, but their tokenized inputs differ at "
+                    f"{training_row(card, row, data_dirs)} (same max_length?); use --batch-mode "
+                    "one_task to train them in separate batches"
+                )
+        else:
+            groups.append([card])
+    return [[card.name for card in group] for group in groups if len(group) > 1]
+
+
+def check_joint(
+    *, adversarial: bool, block_sparse: bool, sharing: str | None, task_priors: Sequence[str] = ()
+) -> None:
+    """What a joint group cannot serve: its one pass trains several tasks through the model's
+    `forward_tasks`, which the forward hooks of the task discriminator, the block-sparse
+    penalty, the task priors (`task_priors`: their flags) and a sharing strategy's penalty
+    (`sharing`: its name, if it has one) do not see."""
+    refused = {
+        "--adversarial": adversarial,
+        "--block-sparse": block_sparse,
+        **dict.fromkeys(task_priors, True),
+        f"--sharing {sharing}": sharing is not None,
+    }
+    for flag, asked in refused.items():
+        if asked:
+            raise UserError(
+                f"--batch-mode joint: not with {flag} (it needs one task per encoder pass); use "
+                "--batch-mode one_task"
+            )
+
+
+def same_source(card: TaskCard, other: TaskCard) -> bool:
+    """Whether two cards read the same training split and input columns of the same data."""
+    return (card.source, card.train_split, card.inputs) == (
+        other.source,
+        other.train_split,
+        other.inputs,
+    )
+
+
+def training_row(card: TaskCard, row: int, data_dirs: Sequence[Path] | None) -> str:
+    """Where training example `row` (0-based) of `card` is: file and line, or example number."""
+    where = describe_source(card, card.train_split, data_dirs)
+    local = card.source.local.for_split(card.train_split) if Path(where).is_file() else None
+    try:
+        return row_place(where, row, local)
+    except IndexError:  # past the end of the file: the other card has more rows
+        return f"{where}: example {row + 1}"
 
 
 def build_task_sampler(
@@ -62,19 +138,24 @@ def check_distributed(
     weighting: LossWeighting,
     weighting_name: str,
     *,
+    joint: bool = False,
     affinity: bool = False,
     adversarial: bool = False,
     successive: str | None = None,
+    task_priors: Sequence[str] = (),
 ) -> None:
-    """What needs whole weights in every process: the all_tasks mode and learned loss weights
-    (they sync gradients themselves), task affinity (lookahead steps on the model's weights),
-    the adversarial discriminator (trained outside the model) and successive regularization
-    (snapshots of the weights; `successive`: the card that asks for it): DDP only."""
+    """What needs whole weights in every process: the all_tasks and joint modes and learned
+    loss weights (they sync gradients themselves), task affinity (lookahead steps on the model's
+    weights), the adversarial discriminator (trained outside the model), successive
+    regularization (snapshots of the weights; `successive`: the card that asks for it) and the
+    task priors on the stacked heads (`task_priors`: their flags): DDP only."""
     if accelerator.distributed_type not in ENGINE_TYPES:
         return
     engine = accelerator.distributed_type.value
     if all_tasks:
         raise UserError(f"--batch-mode all_tasks: not supported with {engine} (use DDP)")
+    if joint:
+        raise UserError(f"--batch-mode joint: not supported with {engine} (use DDP)")
     if any(True for _ in weighting.parameters()):
         raise UserError(f"--weighting {weighting_name}: learned weights need DDP, not {engine}")
     if affinity:
@@ -83,6 +164,10 @@ def check_distributed(
         raise UserError(f"--adversarial: the task discriminator needs DDP, not {engine}")
     if successive:
         raise UserError(f"{successive}: successive_regularization: needs DDP, not {engine}")
+    if task_priors:
+        raise UserError(
+            f"{task_priors[0]}: needs whole task heads in every process (DDP), not {engine}"
+        )
 
 
 class TaskStreams:

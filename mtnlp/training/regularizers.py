@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-from collections.abc import Iterator, Mapping
-from typing import Any
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -106,10 +106,22 @@ class TaskDiscriminator(nn.Module):
 PENALTY_KEY = "regularization"
 
 
+class TaskPrior(Protocol):
+    """A penalty on the task parameters with state updated between steps
+    (`relationships.TaskRelationshipPrior`, `relationships.TaskClustering`)."""
+
+    name: str
+
+    def penalty(self, model: nn.Module) -> Tensor: ...
+
+    def update(self, model: nn.Module, step: int) -> list[dict[str, Any]]: ...
+
+
 class RunRegularizers(nn.Module):
     """What the trainer adds to each micro-batch's loss besides the task losses: the sharing
     strategy's penalty (`MultiTaskModel.regularization_loss`), block_sparse x the head mixed
-    norm, and the adversarial discriminator's loss on the shared representation.
+    norm, the task priors' penalties (`relationships.py`; their `update` after each step) and the
+    adversarial discriminator's loss on the shared representation.
 
     Inside `hooked(model)`, call `loss(tasks)` after the training forward passes of the
     micro-batch's `tasks` (in that order, through `model(task=...)`). Forward hooks collect the
@@ -122,9 +134,15 @@ class RunRegularizers(nn.Module):
     """
 
     def __init__(
-        self, model: nn.Module, block_sparse: float = 0.0, q: str = "2", adversarial: float = 0.0
+        self,
+        model: nn.Module,
+        block_sparse: float = 0.0,
+        q: str = "2",
+        adversarial: float = 0.0,
+        priors: Sequence[TaskPrior] = (),
     ) -> None:
         super().__init__()
+        self.priors = list(priors)
         if q not in BLOCK_SPARSE_Q:
             raise UserError(f"--block-sparse-q: {q!r}; expected 2 or inf")
         if block_sparse < 0 or adversarial < 0:
@@ -160,6 +178,8 @@ class RunRegularizers(nn.Module):
         penalty = model.regularization_loss()
         if self.block_sparse > 0:
             penalty = penalty + self.block_sparse * block_sparse_penalty(model, self.q)
+        for prior in self.priors:
+            penalty = penalty + prior.penalty(model)
         if isinstance(penalty, Tensor):
             output[PENALTY_KEY] = penalty
             self._penalties.append(penalty)
@@ -168,6 +188,10 @@ class RunRegularizers(nn.Module):
         if module.training and torch.is_grad_enabled():
             hidden = getattr(output, "last_hidden_state", output)
             self._captured.append((hidden, kwargs.get("attention_mask")))
+
+    def update(self, model: nn.Module, step: int) -> list[dict[str, Any]]:
+        """After optimizer step `step`: the task priors' updates; their records for the log."""
+        return [record for prior in self.priors for record in prior.update(model, step)]
 
     def loss(self, tasks: list[str]) -> Tensor | float:
         """The mean penalty of the latest `len(tasks)` training passes plus the discriminator's

@@ -1,27 +1,41 @@
 """Model selection: keep the weights of the evaluation with the best dev score.
 
 Used by `--keep-best` and by MT-DNN's fine-tuning stage ("best dev checkpoint kept"). The score
-is the mean over tasks of each task's main score (`metrics.main_score`: its card's main metric,
-oriented so that greater is better).
+is the mean over the main tasks of each task's main score (`metrics.main_score`: its card's main
+metric, oriented so that greater is better); auxiliary tasks (`role: auxiliary`) are trained and
+evaluated but never select the model.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 
+from mtnlp.metrics import main_metrics as metrics_of_tasks
 from mtnlp.metrics import main_score
+from mtnlp.modeling.config import main_tasks
 
 MainMetrics = Mapping[str, Sequence[str] | None]  # task -> main metric (`task_main_metric`)
 
 
+def selection_metrics(tasks: Iterable[Mapping[str, Any]]) -> dict[str, list[str] | None]:
+    """Task -> main metric of the tasks that select the model: the main tasks among `tasks`
+    (`model_spec()` dicts), not the auxiliary ones."""
+    return metrics_of_tasks(main_tasks(tasks))
+
+
 def dev_score(results: dict[str, dict[str, float]], main_metrics: MainMetrics) -> float:
-    """Mean over tasks of each task's main score (NaN if any is NaN)."""
-    scores = [main_score(v, main_metrics[task], task) for task, v in results.items() if v]
+    """Mean over the tasks of `main_metrics` of each task's main score (NaN if any is NaN); the
+    results of other tasks (auxiliary ones) do not count."""
+    scores = [
+        main_score(v, main_metrics[task], task)
+        for task, v in results.items()
+        if v and task in main_metrics
+    ]
     return sum(scores) / len(scores) if scores else math.nan
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -29,15 +30,19 @@ from accelerate.utils import (
 from transformers import AutoModel, AutoTokenizer, PreTrainedTokenizerBase, get_scheduler
 
 from mtnlp.artifacts.run_folder import LOGS, clean_leftovers
-from mtnlp.cards.schema import TaskCard
-from mtnlp.data.loaders import make_dataloader
+from mtnlp.cards.schema import BALANCED, TaskCard, shown
+from mtnlp.data.loaders import make_dataloader, make_joint_dataloader
 from mtnlp.data.read import training_text
 from mtnlp.data.tokenize import TaskData, load_task
 from mtnlp.hub.card import encoder_metadata
-from mtnlp.metrics import main_metrics
-from mtnlp.modeling.loading import check_weight_files
+from mtnlp.modeling.heads import IGNORE_INDEX
+from mtnlp.modeling.loading import (
+    check_model_folder,
+    check_tokenizer_files,
+    check_tokenizer_fits,
+)
 from mtnlp.modeling.model import MultiTaskModel
-from mtnlp.modeling.sharing import SharingMismatch
+from mtnlp.modeling.sharing import SharingMismatch, SharingStrategy
 from mtnlp.training.affinity import probe_batches
 from mtnlp.training.args import TrainArguments, sharing_mismatch_error
 from mtnlp.training.callbacks import (
@@ -58,9 +63,30 @@ from mtnlp.training.checkpointing import (
     resolve_checkpoint,
     start_optimizer_state,
 )
-from mtnlp.training.mixing import TaskStreams, build_task_sampler, check_distributed, epoch_length
-from mtnlp.training.regularizers import RunRegularizers, SuccessiveRegularizer
-from mtnlp.training.state import EpochLosses, Publishing, Run, RunState, Schedule, TrainState
+from mtnlp.training.mixing import (
+    TaskStreams,
+    build_task_sampler,
+    check_distributed,
+    check_joint,
+    epoch_length,
+    joint_groups,
+)
+from mtnlp.training.regularizers import RunRegularizers, SuccessiveRegularizer, TaskPrior
+from mtnlp.training.relationships import (
+    TaskClustering,
+    TaskRelationshipPrior,
+    parse_task_clusters,
+)
+from mtnlp.training.selection import selection_metrics
+from mtnlp.training.state import (
+    EpochLosses,
+    Publishing,
+    Run,
+    RunState,
+    Schedule,
+    TrainState,
+    joint_name,
+)
 from mtnlp.training.weighting import build_weighting
 from mtnlp.utils.errors import UserError, first_line
 
@@ -108,8 +134,9 @@ def load_encoder(
     if name.startswith(("/", ".", "~")) and not folder.is_dir():  # a path, not a Hub id
         raise UserError(f"--model: {name}: no such model folder")
     try:
-        if folder.is_dir():
-            check_weight_files(folder)  # safetensors only, and whole
+        if folder.is_dir():  # checked before a loader opens anything: sizes, no FIFO, safetensors
+            check_model_folder(folder)
+            check_tokenizer_files(folder)
         tokenizer = AutoTokenizer.from_pretrained(name)
         # never unpickles; a trained mtnlp model loads strictly (MultiTaskModel.from_pretrained)
         encoder = AutoModel.from_pretrained(name, use_safetensors=True)
@@ -130,9 +157,11 @@ def check_tokenizer(
     encoder: torch.nn.Module,
     cards: Sequence[TaskCard],
 ) -> None:
-    """The tokenizer must pad batches, and encode sentence pairs in token types the encoder has."""
+    """The tokenizer must pad batches, give only ids the encoder embeds, and encode sentence
+    pairs in token types the encoder has."""
     if tokenizer.pad_token is None:
         raise UserError(f"--model: {name}: its tokenizer has no padding token, so it cannot batch")
+    check_tokenizer_fits(f"--model: {name}", tokenizer, encoder)
     pairs = [card.name for card in cards if len(card.inputs) == 2]
     type_vocab_size = getattr(encoder.config, "type_vocab_size", None)
     if pairs and type_vocab_size is not None:
@@ -145,27 +174,63 @@ def check_tokenizer(
             )
 
 
+def pretrained_parameters(model: MultiTaskModel) -> list[torch.nn.Parameter]:
+    """The parameters that start from the pretrained encoder: the encoder's, and the task
+    columns of a column sharing strategy (copies of its top layers, `load_from_encoder`). Every
+    other parameter is new: heads, task layers and their label embeddings, mixing units."""
+    parameters = list(model.encoder.parameters())
+    if model.sharing.columns:  # the columns (tensor sharing: and their factors)
+        parameters += model.sharing.pretrained_parameters()
+    return parameters
+
+
+def parameter_groups(
+    model: MultiTaskModel,
+    learning_rate: float,
+    head_learning_rate: float | None,
+    weight_decay: float,
+    split: bool = True,
+) -> list[dict[str, Any]]:
+    """AdamW's groups of the model's parameters but the mixing units: without weight decay on
+    biases and LayerNorm weights (BERT's recipe); with `split`, the pretrained parameters
+    (`pretrained_parameters`) at `learning_rate` and the new ones at `head_learning_rate`
+    (None: `learning_rate`), in four groups whatever the rates, so that a checkpoint resumes
+    with another head rate (without `split`: two groups, the layout of checkpoints written
+    before the head rate existed)."""
+    mixing = model.sharing.mixing_parameters()
+    pretrained = {id(p) for p in pretrained_parameters(model)}
+    rates = [learning_rate, head_learning_rate or learning_rate] if split else [learning_rate]
+    groups = [
+        {"params": [], "weight_decay": decay, "lr": rate}
+        for rate in rates
+        for decay in (weight_decay, 0.0)
+    ]
+    for parameter in model.parameters():
+        if parameter.requires_grad and not any(parameter is p for p in mixing):
+            new = split and id(parameter) not in pretrained
+            groups[2 * new + (parameter.ndim < 2)]["params"].append(parameter)
+    return groups
+
+
 def make_optimizer(
-    model: torch.nn.Module,
+    model: MultiTaskModel,
     extra: torch.nn.Module,
     args: TrainArguments,
     device: torch.device | None = None,
+    split: bool = True,
 ):
-    """AdamW without weight decay on biases and LayerNorm weights (BERT's recipe); fused when
-    `device` (where training runs) has torch's fused kernel."""
-    decay, no_decay = [], []
-    mixing = model.sharing.mixing_parameters()  # cross-stitch / sluice units (sharing.py)
-    for parameter in model.parameters():
-        if parameter.requires_grad and not any(parameter is p for p in mixing):
-            (no_decay if parameter.ndim < 2 else decay).append(parameter)
-    groups = [
-        {"params": decay, "weight_decay": args.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
+    """AdamW over the model's `parameter_groups` (`split`: a head learning rate of its own),
+    the learned loss weights of `extra` at `--weighting-learning-rate` and the mixing units at
+    `--mixing-lr-scale` x `--learning-rate` (`--head-learning-rate` leaves them alone); fused
+    when `device` (where training runs) has torch's fused kernel."""
+    groups = parameter_groups(
+        model, args.learning_rate, args.head_learning_rate, args.weight_decay, split
+    )
     learned = [p for p in extra.parameters() if p.requires_grad]
     if learned:  # learned loss weights: no decay, their own learning rate
         lr = args.weighting_learning_rate or args.learning_rate
         groups.append({"params": learned, "weight_decay": 0.0, "lr": lr})
+    mixing = model.sharing.mixing_parameters()  # cross-stitch / sluice units (sharing.py)
     if mixing:  # they learn faster than the network (Misra et al. 2016)
         lr = args.learning_rate * model.sharing.options["lr_scale"]
         groups.append({"params": mixing, "weight_decay": 0.0, "lr": lr})
@@ -298,7 +363,9 @@ def build_run(args: TrainArguments, cards: Sequence[TaskCard], accelerator: Acce
     resume = start_checks(args, specs, accelerator)
     set_seed(args.seed)
     tokenizer, encoder, data = load_model_and_data(args, cards, accelerator, resume)
-    model = build_model(encoder, specs, args.sharing_config)
+    # the model's specs hold the class weights that 'balanced' stands for in the cards' (and the
+    # checkpoints') specs: a saved model computes the loss it was trained with
+    model = build_model(encoder, with_balanced_weights(specs, cards, data), args.sharing_config)
     del encoder
     weighting = build_weighting(
         args.weighting,
@@ -313,18 +380,26 @@ def build_run(args: TrainArguments, cards: Sequence[TaskCard], accelerator: Acce
         args.batch_mode == "all_tasks",
         weighting,
         args.weighting,
+        joint=args.batch_mode == "joint",
         affinity=bool(args.affinity_every) and len(cards) > 1,
         adversarial=args.adversarial > 0,
         successive=next((c.where for c in cards if c.successive_regularization > 0), None),
+        task_priors=task_prior_flags(args),
     )
-    train_loaders, eval_loaders = make_loaders(args, cards, data, tokenizer)
-    schedule, sampler = make_schedule(args, cards, train_loaders, accelerator.num_processes)
-    optimizer = make_optimizer(model, weighting, args, accelerator.device)
-    # block-sparse heads and the adversarial task discriminator (regularizers.py)
-    regularizers = RunRegularizers(model, args.block_sparse, args.block_sparse_q, args.adversarial)
+    groups = find_joint_groups(args, cards, data, model)
+    train_loaders, eval_loaders = make_loaders(args, cards, data, tokenizer, groups)
+    schedule, sampler = make_schedule(args, cards, train_loaders, accelerator.num_processes, groups)
+    split = head_rate_split(resume, args.head_learning_rate)
+    optimizer = make_optimizer(model, weighting, args, accelerator.device, split)
+    # block-sparse heads, task priors and the adversarial task discriminator (regularizers.py)
+    priors = task_priors(args, cards, model)
+    regularizers = RunRegularizers(
+        model, args.block_sparse, args.block_sparse_q, args.adversarial, priors
+    )
     regularizers.to(accelerator.device)
-    if any(True for _ in regularizers.parameters()):
-        optimizer.add_param_group({"params": list(regularizers.parameters())})
+    if any(True for _ in regularizers.parameters()):  # new parameters: the head learning rate
+        lr = args.head_learning_rate or args.learning_rate
+        optimizer.add_param_group({"params": list(regularizers.parameters()), "lr": lr})
     scheduler = get_scheduler(
         "linear",
         optimizer,
@@ -344,20 +419,22 @@ def build_run(args: TrainArguments, cards: Sequence[TaskCard], accelerator: Acce
         {card.name: card.successive_regularization for card in cards},
     )
     streams = prepare_loaders(accelerator, train_loaders, eval_loaders)
-    state = TrainState(list(train_loaders), streams, accelerator.device)
-    epoch_losses = EpochLosses(list(train_loaders), accelerator.device)
+    state = TrainState(list(data), streams, accelerator.device)
+    epoch_losses = EpochLosses(list(data), accelerator.device)
     run_state = resumable_state(scheduler, sampler, weighting, state, epoch_losses)
     if any(True for _ in regularizers.parameters()):
         run_state.add("regularizers", regularizers)
     if successive.deltas:
         run_state.add("successive", successive)
+    for prior in priors:
+        run_state.add(prior.name, prior)
     accelerator.register_for_checkpointing(run_state)
     model.train()
     return Run(
         accelerator=accelerator,
         model=model,
         tokenizer=tokenizer,
-        cards=list(cards),
+        cards=[data[card.name].card for card in cards],  # derived bins: with their range
         optimizer=optimizer,
         scheduler=scheduler,
         sampler=sampler,
@@ -375,7 +452,7 @@ def build_run(args: TrainArguments, cards: Sequence[TaskCard], accelerator: Acce
         shared=list(accelerator.unwrap_model(model).encoder.parameters()),  # for pcgrad
         unsynced=[  # DDP does not average these (state.Run)
             *weighting.parameters(),
-            *(model.parameters() if schedule.all_tasks else []),
+            *(model.parameters() if schedule.syncs_itself else []),
             *regularizers.parameters(),
         ],
         specs=specs,
@@ -386,10 +463,76 @@ def build_run(args: TrainArguments, cards: Sequence[TaskCard], accelerator: Acce
     )
 
 
+def head_rate_split(resume: Path | None, head_learning_rate: float | None) -> bool:
+    """Whether the optimizer gives the new parameters groups of their own (`parameter_groups`):
+    always, but when resuming a checkpoint written before `--head-learning-rate` existed, whose
+    optimizer state has the two groups of that time."""
+    if resume is None:
+        return True
+    saved = read_meta(resume).get("args")
+    if isinstance(saved, dict) and "head_learning_rate" in saved:
+        return True
+    if head_learning_rate is not None:
+        raise UserError(
+            f"--head-learning-rate: {resume} was written before --head-learning-rate existed "
+            "(one learning rate for the whole model); resume it without the flag"
+        )
+    return False
+
+
+def with_balanced_weights(
+    specs: list[dict[str, Any]], cards: Sequence[TaskCard], data: dict[str, TaskData]
+) -> list[dict[str, Any]]:
+    """`specs` with each `class_weights: balanced` replaced by the weights it stands for, from
+    the task's training split (`balanced_class_weights`)."""
+    by_name = {card.name: card for card in cards}
+    resolved = []
+    for spec in specs:
+        loss = spec.get("loss") or {}
+        if loss.get("class_weights") == BALANCED:
+            card = by_name[spec["name"]]
+            weights = balanced_class_weights(card, data[card.name].train["labels"])
+            spec = {**spec, "loss": {**loss, "class_weights": weights}}
+        resolved.append(spec)
+    return resolved
+
+
+def balanced_class_weights(card: TaskCard, labels: Sequence[Any]) -> list[float]:
+    """n / (k * n_c) for each of the card's k labels, n_c its count among the n training labels
+    (tagging: its labelled tokens), as sklearn's `compute_class_weight('balanced')`: each label
+    weighs as much in the loss as the others together. A label that never occurs is refused."""
+    counts = Counter(
+        label
+        for row in labels
+        for label in (row if isinstance(row, list) else [row])
+        if label != IGNORE_INDEX
+    )
+    names = card.labels or []
+    for index, name in enumerate(names):
+        if not counts[index]:
+            raise UserError(
+                f"{card.where}: class_weights: balanced: label {shown(name)} does not occur in "
+                f"the training split ({card.train_split}); give the weights as a list"
+            )
+    total = sum(counts.values())
+    return [total / (len(names) * counts[index]) for index in range(len(names))]
+
+
 def make_schedule(
-    args: TrainArguments, cards: Sequence[TaskCard], loaders: dict[str, Any], num_processes: int
+    args: TrainArguments,
+    cards: Sequence[TaskCard],
+    loaders: dict[str, Any],
+    num_processes: int,
+    groups: dict[str, tuple[str, ...]] | None = None,
 ) -> tuple[Schedule, Any]:
-    """The run's numbers from the loaders' lengths, and the task sampler over them."""
+    """The run's numbers from the loaders' lengths, and the task sampler over them: one loader
+    per task, or per joint group in `groups` (name -> tasks), which the sampler draws as one
+    task whose sampling weight is the sum of its tasks'."""
+    groups = groups or {}
+    weights = {card.name: card.sampling_weight for card in cards}
+    for name, tasks in groups.items():
+        members = [weights.pop(task) for task in tasks]
+        weights[name] = None if None in members else sum(members)
     # batches per process, as accelerate shards them (even_batches: every process gets as many)
     task_sizes = {name: math.ceil(len(loader) / num_processes) for name, loader in loaders.items()}
     micro_per_epoch = epoch_length(args.batch_mode, task_sizes)
@@ -403,12 +546,13 @@ def make_schedule(
         max_grad_norm=args.max_grad_norm,
         max_bad_steps=args.max_bad_steps,
         all_tasks=args.batch_mode == "all_tasks",  # never asks the sampler
+        groups=groups,
     )
     sampler = build_task_sampler(
         args.sampler,
         task_sizes,
         seed=args.seed,
-        sampling_weights={card.name: card.sampling_weight for card in cards},
+        sampling_weights={name: weights[name] for name in task_sizes},
         num_epochs=math.ceil(total_steps * args.gradient_accumulation_steps / micro_per_epoch),
         temperature=args.temperature,
         examples_cap=args.examples_cap,
@@ -493,21 +637,36 @@ def make_loaders(
     cards: Sequence[TaskCard],
     data: dict[str, TaskData],
     tokenizer: PreTrainedTokenizerBase,
+    groups: dict[str, tuple[str, ...]] | None = None,
 ) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
-    """Each task's training loader (shuffled, seeded) and its dev loaders, per split."""
+    """Each task's training loader (shuffled, seeded), or one per joint group in `groups`
+    (name -> tasks: batches with every grouped task's labels; in the place of its first task),
+    and each task's dev loaders, per split."""
     by_name = {card.name: card for card in cards}
-    train_loaders = {
-        name: make_dataloader(
-            by_name[name],
-            task.train,
-            tokenizer,
-            args.batch_size,
-            shuffle=True,
-            seed=args.seed,
-            group_by_length=args.group_by_length,
-        )
-        for name, task in data.items()
-    }
+    group_of = {tasks[0]: name for name, tasks in (groups or {}).items()}  # at its first task
+    grouped = {task for tasks in (groups or {}).values() for task in tasks}
+    train_loaders = {}
+    for name, task_data in data.items():
+        if name in group_of:
+            tasks = groups[group_of[name]]
+            train_loaders[group_of[name]] = make_joint_dataloader(
+                [by_name[task] for task in tasks],
+                {task: data[task].train for task in tasks},
+                tokenizer,
+                args.batch_size,
+                seed=args.seed,
+                group_by_length=args.group_by_length,
+            )
+        elif name not in grouped:
+            train_loaders[name] = make_dataloader(
+                by_name[name],
+                task_data.train,
+                tokenizer,
+                args.batch_size,
+                shuffle=True,
+                seed=args.seed,
+                group_by_length=args.group_by_length,
+            )
     eval_loaders = {
         name: {
             split: make_dataloader(
@@ -518,6 +677,85 @@ def make_loaders(
         for name, task in data.items()
     }
     return train_loaders, eval_loaders
+
+
+def find_joint_groups(
+    args: TrainArguments,
+    cards: Sequence[TaskCard],
+    data: dict[str, TaskData],
+    model: MultiTaskModel,
+) -> dict[str, tuple[str, ...]]:
+    """`--batch-mode joint`: the groups of tasks whose training inputs are the same, by their
+    sampler name ('pos+chunk+ner'); none in the other modes. A group trains through the
+    model's `forward_tasks`, which the per-pass regularizers (forward hooks) do not see: those
+    are refused."""
+    if args.batch_mode != "joint":
+        return {}
+    train_sets = {name: task.train for name, task in data.items()}
+    groups = {joint_name(g): tuple(g) for g in joint_groups(cards, train_sets, args.data_dirs)}
+    if not groups:
+        logger.warning(
+            "--batch-mode joint: no two tasks read the same inputs, so every batch holds one "
+            "task (as --batch-mode one_task)"
+        )
+        return {}
+    penalized = type(model.sharing).regularization_loss is not SharingStrategy.regularization_loss
+    check_joint(
+        adversarial=args.adversarial > 0,
+        block_sparse=args.block_sparse > 0,
+        sharing=args.sharing if penalized else None,
+        task_priors=task_prior_flags(args),
+    )
+    logger.info("--batch-mode joint: one encoder pass per batch of %s", ", ".join(groups))
+    return groups
+
+
+def task_prior_flags(args: TrainArguments) -> list[str]:
+    """The flags of the task priors the run asks for."""
+    asked = {
+        "--relationship-prior": args.relationship_prior > 0,
+        "--task-clusters": args.task_clusters is not None,
+    }
+    return [flag for flag, on in asked.items() if on]
+
+
+def task_priors(
+    args: TrainArguments, cards: Sequence[TaskCard], model: MultiTaskModel
+) -> list[TaskPrior]:
+    """The penalties on the stacked task heads (relationships.py): the task-relationship prior
+    and task clustering, with the cards' clusters or K learned ones."""
+    priors: list[TaskPrior] = []
+    if args.relationship_prior > 0:
+        priors.append(
+            TaskRelationshipPrior(model, args.relationship_prior, args.relationship_update_every)
+        )
+    if args.task_clusters is not None:
+        clusters = parse_task_clusters(args.task_clusters)
+        given = None
+        if clusters == "cards":
+            missing = [card.where for card in cards if card.cluster is None]
+            if missing:
+                raise UserError(
+                    f"--task-clusters cards: {missing[0]}: cluster: missing; give every card a "
+                    "cluster, or learn them with --task-clusters K"
+                )
+            given = {card.name: card.cluster for card in cards}
+        weights = (
+            args.cluster_mean_weight,
+            args.cluster_between_weight,
+            args.cluster_within_weight,
+        )
+        priors.append(
+            TaskClustering(
+                model,
+                weights,
+                given=given,
+                k=None if given else clusters,
+                update_every=args.cluster_update_every,
+                seed=args.seed,
+            )
+        )
+    return priors
 
 
 def resumable_state(scheduler: Any, sampler: Any, weighting: Any, state: Any, epoch_losses: Any):
@@ -538,7 +776,7 @@ def default_callbacks(run: Run, args: TrainArguments) -> list[Callback]:
     """The built-in periodic actions, in order: progress and logs, evaluation (keep-best), task
     affinity, checkpoints (after evaluation, so the keep-best state is in the checkpoint)."""
     eval_every = args.eval_every or (run.schedule.steps_per_epoch if args.keep_best else None)
-    metrics = main_metrics(run.specs) if args.keep_best else None
+    metrics = selection_metrics(run.specs) if args.keep_best else None
     callbacks: list[Callback] = [
         ProgressCallback(args.log_every or default_log_every(run.schedule.total_steps)),
         EvaluationCallback(eval_every, metrics),

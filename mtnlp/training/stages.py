@@ -13,13 +13,13 @@ from pathlib import Path
 from accelerate import PartialState
 
 from mtnlp.artifacts.run_folder import FINETUNED_DIR, RESULTS_JSON, RESULTS_MARKDOWN
-from mtnlp.cards.load import load_cards
-from mtnlp.cards.schema import TaskCard
+from mtnlp.cards.load import check_main_task, load_cards
+from mtnlp.cards.schema import AUXILIARY, FinetuneOptions, TaskCard
 from mtnlp.hub.card import write_model_card
 from mtnlp.hub.push import push_to_hub
 from mtnlp.training.args import TrainArguments
 from mtnlp.training.loop import train
-from mtnlp.utils.files import output_lock
+from mtnlp.utils.files import output_lock, write_file
 
 MULTI_TASK = "multi-task"
 
@@ -30,19 +30,24 @@ FINETUNED = "multi-task + fine-tune"
 Results = dict[str, dict[str, float]]
 
 
-def stage_arguments(args: TrainArguments, task: str) -> TrainArguments:
+def stage_arguments(args: TrainArguments, card: TaskCard) -> TrainArguments:
     """The arguments of one task's fine-tuning run: from the multi-task model in
-    `args.output_dir`, on that task alone, with the fine-tuning schedule, keeping the best dev
-    checkpoint. Multi-task options (sampling, weighting, batch mode) do not apply to one task."""
+    `args.output_dir`, on that task alone, with the fine-tuning schedule (the card's `finetune`
+    settings over `--finetune-epochs` / `--finetune-learning-rate`; `--finetune-max-steps`
+    overrides both epochs), keeping the best dev checkpoint. Multi-task options (sampling,
+    weighting, batch mode) do not apply to one task, nor does `--head-learning-rate`: the heads
+    were trained in the first stage, and the whole model trains at the stage's learning rate."""
     output_dir = Path(args.output_dir)
+    own = card.finetune or FinetuneOptions()
     return dataclasses.replace(
         args,
         model=str(output_dir),
-        tasks=task,
-        output_dir=str(output_dir / FINETUNED_DIR / task),
-        epochs=args.finetune_epochs,
+        tasks=card.name,
+        output_dir=str(output_dir / FINETUNED_DIR / card.name),
+        epochs=own.epochs or args.finetune_epochs,
         max_steps=args.finetune_max_steps,
-        learning_rate=args.finetune_learning_rate or args.learning_rate,
+        learning_rate=own.learning_rate or args.finetune_learning_rate or args.learning_rate,
+        head_learning_rate=None,
         sampler="sequential",
         examples_cap=None,
         weighting="static",
@@ -57,16 +62,19 @@ def stage_arguments(args: TrainArguments, task: str) -> TrainArguments:
 def finetune_each(
     args: TrainArguments, cards: Sequence[TaskCard], multi_task: Results
 ) -> dict[str, dict[str, dict[str, float]]]:
-    """Fine-tune every task of `cards` alone; return and write the table task -> stage -> metrics
-    (`multi_task` holds the multi-task stage's dev metrics)."""
+    """Fine-tune every main task of `cards` alone (an auxiliary task only helps the others
+    learn); return and write the table task -> stage -> metrics (`multi_task` holds the
+    multi-task stage's dev metrics)."""
     table = {}
-    for card in cards:
-        finetuned = train(stage_arguments(args, card.name), [card])
+    for card in (card for card in cards if card.role != AUXILIARY):
+        # alone, a task has no other to be weighed against: its loss_weight would only scale
+        # the loss (and so the gradient clipping)
+        finetuned = train(stage_arguments(args, card), [card.replace(loss_weight=1.0)])
         table[card.name] = {MULTI_TASK: multi_task[card.name], FINETUNED: finetuned[card.name]}
     if PartialState().is_main_process:
         output_dir = Path(args.output_dir)
-        (output_dir / RESULTS_JSON).write_text(json.dumps(table, indent=2) + "\n")
-        (output_dir / RESULTS_MARKDOWN).write_text(markdown_table(table))
+        write_file(output_dir / RESULTS_JSON, json.dumps(table, indent=2) + "\n")
+        write_file(output_dir / RESULTS_MARKDOWN, markdown_table(table))
     return table
 
 
@@ -91,6 +99,7 @@ def run(args: TrainArguments, default_cards: Sequence[str | Path] = ()) -> Resul
     push the multi-task model once, after both stages (`--push-to-hub`). The process group of a
     multi-process launch is ended once, after the last stage."""
     cards = load_cards(args.cards or default_cards, args.task_list)
+    check_main_task(cards)
     try:
         if not args.finetune_each:
             return train(args, cards)

@@ -114,6 +114,8 @@ ENTRIES = {
     "regularizers": "block-sparse / adversarial regularizers",
     "keep_best": "--keep-best tracker",
     "successive": "successive regularization snapshots",
+    "relationship_prior": "task covariance of --relationship-prior",
+    "task_clusters": "task clusters of --task-clusters",
 }
 FORMAT_KEY = "format"  # marks the keyed layout; a legacy checkpoint's first file has no such key
 
@@ -174,6 +176,12 @@ class RunState:
                 )
 
 
+def joint_name(tasks: Sequence[str]) -> str:
+    """A joint group's name, as the sampler, the data streams and the logs know it: its tasks
+    joined by '+', e.g. 'pos+chunk+ner' (task names never hold a '+')."""
+    return "+".join(tasks)
+
+
 @dataclass(frozen=True)
 class Schedule:
     """The run's numbers, fixed at set-up: optimizer steps in all and per epoch, micro-batches per
@@ -186,6 +194,15 @@ class Schedule:
     max_grad_norm: float = 1.0
     max_bad_steps: int = 10
     all_tasks: bool = False  # every task in each micro-batch (LibMTL) instead of one (MT-DNN)
+    # --batch-mode joint: sampler name of a group ("pos+chunk+ner") -> its tasks, which share
+    # each of the group's micro-batches and its one encoder pass
+    groups: dict[str, tuple[str, ...]] = field(default_factory=dict)
+
+    @property
+    def syncs_itself(self) -> bool:
+        """Whether the step averages the model's gradients itself, not DDP: all_tasks (several
+        forwards per backward) and joint groups (a forward DDP does not see)."""
+        return self.all_tasks or bool(self.groups)
 
 
 @dataclass(frozen=True)
@@ -223,7 +240,7 @@ class Run:
     schedule: Schedule
     shared: list[nn.Parameter] = field(default_factory=list)  # the encoder's (pcgrad surgery)
     # parameters whose gradients DDP does not average: the loss weights', the adversarial
-    # discriminator's and, in all_tasks mode (several forwards per backward), the model's
+    # discriminator's and, when `schedule.syncs_itself` (all_tasks, joint groups), the model's
     unsynced: list[nn.Parameter] = field(default_factory=list)
     specs: list[dict[str, Any]] = field(default_factory=list)
     resume_from: Path | None = None  # the checkpoint to continue
@@ -251,5 +268,9 @@ class Run:
         return {card.name: card for card in self.cards}
 
     def next_tasks(self) -> list[str]:
-        """The tasks of the next micro-batch: every task (all_tasks), or the sampler's pick."""
-        return self.task_names if self.schedule.all_tasks else [self.sampler.next_task()]
+        """The tasks of the next micro-batch: every task (all_tasks), or the sampler's pick: a
+        task or a joint group's tasks."""
+        if self.schedule.all_tasks:
+            return self.task_names
+        picked = self.sampler.next_task()
+        return list(self.schedule.groups.get(picked, (picked,)))

@@ -1,7 +1,7 @@
 """One optimizer step, the loop's body: `train_step(run, step)` runs the step's micro-batches
-(one task each, or every task), backward through the loss weighting, averages the gradients DDP
-does not sync, clips, steps the optimizer and the schedule, and skips an update whose loss is
-NaN/inf on any process.
+(one task each, a joint group's tasks, or every task), backward through the loss weighting,
+averages the gradients DDP does not sync, clips, steps the optimizer and the schedule, and skips
+an update whose loss is NaN/inf on any process.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import torch
 from accelerate import Accelerator
 from torch import Tensor
 
-from mtnlp.training.state import Run
+from mtnlp.training.state import Run, joint_name
 from mtnlp.training.weighting import LossWeighting
 from mtnlp.utils.errors import UserError
 
@@ -31,7 +31,7 @@ def train_step(run: Run, step: int) -> list[str]:
         tasks = run.next_tasks()
         with (
             run.accelerator.accumulate(run.model),
-            ddp_sync_off(run.accelerator, run.model, run.schedule.all_tasks),
+            ddp_sync_off(run.accelerator, run.model, run.schedule.syncs_itself),
         ):
             losses = forward(run, tasks)
             penalty = sum(run.successive.penalty(task) for task in tasks)
@@ -47,6 +47,8 @@ def train_step(run: Run, step: int) -> list[str]:
             run.optimizer.zero_grad()
         record_losses(run, losses, step, micro)
     run.state.step = step
+    for record in run.regularizers.update(run.unwrapped, step):  # task priors (relationships.py)
+        run.state.history.append(record)
     run.state.bad_steps = run.state.bad_steps + 1 if bad else 0
     if bad:
         skip_bad_step(step, bad, run.state.bad_steps, run.schedule.max_bad_steps, run.accelerator)
@@ -56,13 +58,29 @@ def train_step(run: Run, step: int) -> list[str]:
 
 
 def forward(run: Run, tasks: list[str]) -> dict[str, Tensor]:
-    """Each task's loss on its next batch; counts the distinct examples trained on."""
+    """Each task's loss on its next batch, or a joint group's losses on its next batch; counts
+    the distinct examples trained on."""
+    if len(tasks) > 1 and not run.schedule.all_tasks:
+        return joint_forward(run, tasks)
     losses = {}
     for task in tasks:
         batch = run.streams.next(task)
         run.state.examples += run.streams.count(task, batch["input_ids"].shape[0])
         losses[task] = run.model(task=task, **batch).loss
     return losses
+
+
+def joint_forward(run: Run, tasks: list[str]) -> dict[str, Tensor]:
+    """The losses of a joint group's tasks on the group's next batch, from ONE encoder pass
+    (`forward_tasks`, under the run's autocast); an example counts once per task, as in
+    separate batches."""
+    group = joint_name(tasks)
+    batch = dict(run.streams.next(group))
+    labels = batch.pop("labels")
+    run.state.examples += run.streams.count(group, batch["input_ids"].shape[0]) * len(tasks)
+    with run.accelerator.autocast():
+        outputs = run.unwrapped.forward_tasks(tasks, labels=labels, **batch)
+    return {task: outputs[task].loss for task in tasks}
 
 
 def optimizer_step(run: Run, tasks: list[str]) -> None:
@@ -91,10 +109,11 @@ def record_losses(run: Run, losses: dict[str, Tensor], step: int, micro: int) ->
         state.history.append({"step": step, "train_loss": mean_losses})
 
 
-def ddp_sync_off(accelerator: Accelerator, model: torch.nn.Module, all_tasks: bool):
-    """all_tasks mode runs one forward pass per task before a single backward, which DDP's
-    reducer cannot follow: DDP sync is off and `average_gradients` averages instead."""
-    return accelerator.no_sync(model) if all_tasks else contextlib.nullcontext()
+def ddp_sync_off(accelerator: Accelerator, model: torch.nn.Module, syncs_itself: bool):
+    """all_tasks mode runs one forward pass per task before a single backward, and a joint
+    group's pass goes past DDP (the model's `forward_tasks`): DDP's reducer can follow
+    neither, so DDP sync is off and `average_gradients` averages instead."""
+    return accelerator.no_sync(model) if syncs_itself else contextlib.nullcontext()
 
 
 def backward(
@@ -125,8 +144,8 @@ def backward(
 
 def average_gradients(parameters: Iterable[torch.nn.Parameter], accelerator: Accelerator) -> None:
     """Average `.grad` over processes, for parameters DDP does not sync: the loss weighting's
-    (kept out of DDP) and, in all_tasks mode (several forwards per backward, run under
-    `no_sync`), the model's.
+    (kept out of DDP) and, in all_tasks mode and with joint groups (run under `no_sync`), the
+    model's.
 
     As in one process, a parameter that no process gave a gradient (a head or task layer unused
     in this step) keeps `grad=None`, so AdamW skips it: no weight decay, no momentum step. Which

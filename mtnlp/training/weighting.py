@@ -2,7 +2,9 @@
 
 Loss-based weightings (`static`, `uncertainty`, `dwa`) implement `combine(losses)`; the trainer
 backpropagates its result. The gradient-based `pcgrad` changes the gradients themselves and
-implements `backward(losses, shared_parameters, backward_fn)` instead.
+implements `backward(losses, shared_parameters, backward_fn)` instead. Every weighting works on
+the losses times the cards' `loss_weight` (`static_weights`): static weighs by them alone, the
+others weigh the scaled losses their own way.
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ WEIGHTINGS: Registry[type[LossWeighting]] = Registry("loss weighting")
 
 
 class LossWeighting(nn.Module):
-    """Base class: `combine(losses)` sums one weighted term per task present in the step.
+    """Base class: `combine(losses)` sums one weighted term per task present in the step, of its
+    loss times the task's loss weight (`static_weights`, the cards' `loss_weight`; default 1).
 
     Terms are computed in float32 with autocast off, so bf16/fp16 training gets an exact sum.
     Learned weights are `nn.Parameter`s (the optimizer must include them) and other state is kept
@@ -61,11 +64,19 @@ class LossWeighting(nn.Module):
             raise ValueError("combine() needs the loss of at least one task")
         device_type = next(iter(losses.values())).device.type
         with torch.autocast(device_type, enabled=False):
-            terms = [self._weighted(name, loss.float()) for name, loss in losses.items()]
+            terms = [self._weighted(name, self.scaled(name, loss)) for name, loss in losses.items()]
         return torch.stack(terms).sum()
 
+    def scaled(self, name: str, loss: Tensor) -> Tensor:
+        """A task's loss (float32) times its loss weight."""
+        return self.loss_weight(name) * loss.float()
+
+    def loss_weight(self, name: str) -> Tensor | float:
+        """The task's loss weight (the card's `loss_weight`)."""
+        return self.static_weights.get(name, 1.0)
+
     def weights(self) -> dict[str, float]:
-        """The current effective weight of each task, for logging."""
+        """The current effective weight of each task (the loss weight included), for logging."""
         raise NotImplementedError
 
     def end_epoch(self, mean_losses: dict[str, float]) -> None:
@@ -77,7 +88,8 @@ class LossWeighting(nn.Module):
 
 @WEIGHTINGS.register("static")
 class StaticWeighting(LossWeighting):
-    """Fixed weights: Σ_t w_t L_t with w_t from `static_weights` (default 1), as in MT-DNN."""
+    """Fixed weights: Σ_t w_t L_t with w_t from `static_weights` (default 1), as in MT-DNN. The
+    weights are part of its state (a resumed run keeps the checkpoint's)."""
 
     name = "static"
 
@@ -89,8 +101,11 @@ class StaticWeighting(LossWeighting):
     def weights(self) -> dict[str, float]:
         return dict(zip(self.task_names, self.static.tolist(), strict=True))
 
+    def loss_weight(self, name: str) -> Tensor:
+        return self.static[self.index[name]]
+
     def _weighted(self, name: str, loss: Tensor) -> Tensor:
-        return self.static[self.index[name]] * loss
+        return loss
 
 
 @WEIGHTINGS.register("uncertainty")
@@ -98,9 +113,10 @@ class UncertaintyWeighting(LossWeighting):
     """Learned homoscedastic uncertainty (Kendall, Gal & Cipolla 2018, "Multi-Task Learning Using
     Uncertainty to Weigh Losses for Scene Geometry and Semantics").
 
-    Each task learns s_t = log σ_t² (init 0). A regression loss becomes 0.5·exp(-s)·L + 0.5·s, a
-    classification or tagging loss exp(-s)·L + 0.5·s: a noisy task learns a large σ and so a small
-    weight, while the 0.5·s term keeps σ from growing without bound.
+    Each task learns s_t = log σ_t² (init 0). A regression loss L (times the task's loss weight)
+    becomes 0.5·exp(-s)·L + 0.5·s, a classification or tagging loss exp(-s)·L + 0.5·s: a noisy
+    task learns a large σ and so a small weight, while the 0.5·s term keeps σ from growing
+    without bound.
     """
 
     name = "uncertainty"
@@ -112,7 +128,7 @@ class UncertaintyWeighting(LossWeighting):
     def weights(self) -> dict[str, float]:
         precisions = torch.exp(-self.log_variances.detach().float()).tolist()
         return {
-            name: self._scale(name) * precision
+            name: self._scale(name) * precision * self.loss_weight(name)
             for name, precision in zip(self.task_names, precisions, strict=True)
         }
 
@@ -150,7 +166,11 @@ class DynamicWeightAverage(LossWeighting):
         self.epochs_seen += 1
 
     def weights(self) -> dict[str, float]:
-        return dict(zip(self.task_names, self._weight_vector().tolist(), strict=True))
+        vector = self._weight_vector().tolist()
+        return {
+            name: weight * self.loss_weight(name)
+            for name, weight in zip(self.task_names, vector, strict=True)
+        }
 
     def _weight_vector(self) -> Tensor:
         if self.epochs_seen < 2:
@@ -188,7 +208,7 @@ class PCGrad(LossWeighting):
     gradient it conflicts with (negative dot product), in a random task order, and the projected
     gradients are summed; task-specific parameters get their ordinary gradients. It compares the
     gradients of several tasks in one step, so it needs the all_tasks batch mode. `combine` is
-    the plain sum, for logging and evaluation.
+    the sum of the loss-weighted losses, for logging and evaluation.
     """
 
     name = "pcgrad"
@@ -200,7 +220,7 @@ class PCGrad(LossWeighting):
         self.generator = torch.Generator().manual_seed(self.seed)
 
     def weights(self) -> dict[str, float]:
-        return dict.fromkeys(self.task_names, 1.0)
+        return {name: float(self.loss_weight(name)) for name in self.task_names}
 
     def _weighted(self, name: str, loss: Tensor) -> Tensor:
         return loss
@@ -228,7 +248,10 @@ class PCGrad(LossWeighting):
         """
         shared = [parameter for parameter in shared_parameters if parameter.requires_grad]
         total = self.combine(losses)
-        grads = [self._flat_grad(loss, shared, loss_scale) for loss in losses.values()]
+        grads = [
+            self._flat_grad(self.scaled(name, loss), shared, loss_scale)
+            for name, loss in losses.items()
+        ]
         if reduce_fn is not None:
             grads = [reduce_fn(grad) for grad in grads]
         order = torch.randperm(len(grads), generator=self.generator).tolist()

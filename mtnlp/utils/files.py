@@ -5,8 +5,10 @@ its contents, nor a half-written one in place).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
 import shutil
 import socket
 import stat
@@ -21,6 +23,60 @@ from filelock import FileLock, SoftFileLock, Timeout
 from mtnlp.utils.errors import UserError
 
 WRITE_PROBE = ".mtnlp-probe-{pid}"  # written and removed at once by `writable_output_dir`
+
+MAX_NAME_LENGTH = 100
+"""Longest name from a card or a model's config.json that may become (part of) a file name."""
+_SAFE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+=-]*")
+
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.txt",
+    "vocab.json",
+    "merges.txt",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+)
+"""What AutoTokenizer may open in a model folder."""
+
+MODEL_FOLDER_FILES = frozenset(
+    {
+        "model.safetensors",
+        "model.safetensors.index.json",
+        "config.json",
+        "generation_config.json",
+        "label_maps.json",
+        *TOKENIZER_FILES,
+        "README.md",
+        "cards",
+        "finetuned",
+    }
+)
+"""A model folder's own files: no name from a card or config.json may become one of them."""
+
+
+def file_name_problem(name: object) -> str | None:
+    """Why `name` (data from a card or a model's config.json: a task, split or submission file
+    name) cannot be a file name of its own, or None when it can: at most `MAX_NAME_LENGTH`
+    characters of letters, digits and `_ . + = -`, not starting with `.` or `-` (so no `/`,
+    `..`, NUL, control characters or hidden files), and none of `MODEL_FOLDER_FILES`. The words
+    never echo the name (it may be long or hold control characters)."""
+    if not isinstance(name, str):
+        return f"must be a string, got {type(name).__name__}"
+    if not name:
+        return "must not be empty"
+    if len(name) > MAX_NAME_LENGTH:
+        return f"must be at most {MAX_NAME_LENGTH} characters, got {len(name)}"
+    if not _SAFE_NAME.fullmatch(name):
+        return (
+            "may hold only letters, digits and _ . + = - (no path separators, '..', control "
+            "characters or spaces) and must not start with '.' or '-'"
+        )
+    if name in MODEL_FOLDER_FILES:
+        return "is one of a model folder's own file names"
+    return None
 
 
 def writable_output_dir(folder: Path) -> None:
@@ -276,6 +332,82 @@ def new_file(path: Path, mode: str = "w") -> Any:
     except FileExistsError:
         raise UserError(f"{path}: already exists; mtnlp writes only files it creates") from None
     return os.fdopen(descriptor, mode, encoding=None if "b" in mode else "utf-8")
+
+
+TEMPORARY_FILE = ".{name}.{tag}.tmp"  # `write_file`'s temporary sibling (a leftover if killed)
+
+
+def write_file(path: Path, data: bytes | str) -> Path:
+    """Write `path` whole without ever writing through what is at its name: the data goes into a
+    fresh temporary sibling (`new_file`: O_EXCL, O_NOFOLLOW), which then replaces `path`
+    (`os.replace`). So a link at `path` is replaced, never followed; a file linked there from
+    elsewhere (a hard link) keeps its contents; a reader sees the old file or the new one. A
+    folder at `path` is refused (`UserError`). Text is written as UTF-8. Returns `path`."""
+    path = Path(path)
+    if path.is_dir() and not path.is_symlink():
+        raise UserError(f"{path}: is a folder; mtnlp writes a file of that name here: remove it")
+    temporary = path.with_name(TEMPORARY_FILE.format(name=path.name[:200], tag=uuid.uuid4().hex))
+    try:
+        with new_file(temporary, "wb") as file:
+            file.write(data.encode("utf-8") if isinstance(data, str) else data)
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def make_folder(path: Path) -> Path:
+    """Create the folder `path` (and its parents) to write into; a link at its name is replaced
+    by a folder, never followed (files written there would land wherever it points). Returns
+    `path`."""
+    path = Path(path)
+    if path.is_symlink():
+        path.unlink()
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def remove_path(path: Path) -> None:
+    """Remove a file, a folder with its contents, or a link (never what the link points to)."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def outside_link_problem(path: Path, folder: Path) -> str | None:
+    """Why the file `path` in `folder` must not be read as the folder's own, or None: it is not a
+    regular file, or a symbolic link (of the file or a folder on the way) leads out of `folder`.
+    A model folder is untrusted input: `README.md -> ~/.ssh/id_rsa` must never be copied into
+    a saved model or uploaded. A Hugging Face cache snapshot's links into its repository's
+    `blobs/` stay inside (that is how the cache stores files)."""
+    if not path.is_file():
+        return "is not a regular file"
+    target = path.resolve()
+    roots = [folder.resolve(), *_hub_cache_blobs(folder)]
+    if not any(target.is_relative_to(root) for root in roots):
+        return f"is a symbolic link out of {folder}"
+    return None
+
+
+def _hub_cache_blobs(folder: Path) -> list[Path]:
+    """The `blobs/` folder of the Hugging Face cache repository that `folder` (a snapshot, or a
+    folder in one) belongs to: `models--x--y/snapshots/<revision>/...`; else none."""
+    for inner in [folder.absolute(), *folder.absolute().parents]:
+        blobs = inner.parent.parent / "blobs"
+        if inner.parent.name == "snapshots" and blobs.is_dir() and not blobs.is_symlink():
+            return [blobs.resolve()]  # (a `blobs` link could lead anywhere)
+    return []
+
+
+def file_digest(path: Path, chunk_size: int = 1 << 20) -> str:
+    """The SHA-256 of a file, read in chunks (a checkpoint's optimizer state may be gigabytes)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        while chunk := file.read(chunk_size):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def read_json(path: Path) -> dict[str, Any]:

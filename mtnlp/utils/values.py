@@ -11,6 +11,8 @@ import yaml
 from annotated_types import Ge, Gt, Le
 from pydantic import AllowInfNan, BeforeValidator
 
+from mtnlp.utils.untrusted import clip
+
 
 def number_from_yaml(value: Any) -> Any:
     """PyYAML reads YAML 1.1, where `5e-5` (no dot) is a string: such a string is a number."""
@@ -75,10 +77,11 @@ def problem_words(error: dict[str, Any]) -> str:
 
 
 def shown(value: Any) -> str:
-    """A value as a YAML file or a command line would write it."""
+    """A value as a YAML file or a command line would write it (cut at 80 characters: a
+    config file's value may be long)."""
     if value is None or isinstance(value, bool):
         return yaml.safe_dump(value).split("\n")[0]  # null, true, false
-    return repr(value) if isinstance(value, str) else str(value)
+    return clip(repr(value) if isinstance(value, str) else str(value), 80)
 
 
 def compact(number: Any) -> str:

@@ -15,6 +15,9 @@ of the top N layers (`layers`, default 2), each starting as a copy of the pretra
 - `sluice` (Ruder et al. 2019, "Latent Multi-task Architecture Learning"): each column layer's
   output is split into subspaces mixed across tasks by learned alphas; learned betas mix the
   layers' outputs into the head input; an orthogonality penalty pushes a task's subspaces apart.
+- `tensor` (Yang & Hospedales 2017, "Deep Multi-task Representation Learning: A Tensor
+  Factorisation Approach"): each column's linear weights are the task's slice of a
+  Tucker-factorised tensor shared by the tasks plus a shared residual (`tensor.py`).
 
 The encoder module itself stays complete (its top N layers are kept but not run), so a column
 model still has a whole encoder to start another model from. Each strategy registers the typed
@@ -25,7 +28,7 @@ modeling-side modules, and speaks in option names: the training layer maps its f
 (`mtnlp.training.args`).
 """
 
-from mtnlp.modeling.sharing import columns  # noqa: F401  (registers the column strategies)
+from mtnlp.modeling.sharing import columns, tensor  # noqa: F401  (register the column strategies)
 from mtnlp.modeling.sharing.base import (
     SHARING,
     HardSharing,
@@ -46,6 +49,7 @@ from mtnlp.modeling.sharing.columns import (
     orthogonality_penalty,
     trace_norm_penalty,
 )
+from mtnlp.modeling.sharing.tensor import TensorSharing, truncated_hosvd
 
 __all__ = [
     "SHARING",
@@ -58,10 +62,12 @@ __all__ = [
     "SharingStrategy",
     "SluiceSharing",
     "SoftSharing",
+    "TensorSharing",
     "build_sharing",
     "describe_sharing",
     "l2_distance_penalty",
     "orthogonality_penalty",
     "resolve_sharing",
     "trace_norm_penalty",
+    "truncated_hosvd",
 ]

@@ -134,6 +134,11 @@ class ColumnSharing(SharingStrategy):
         for column in self.column.values():
             column.load_state_dict(top)
 
+    def pretrained_parameters(self) -> list[nn.Parameter]:
+        """The parameters that start from the pretrained top layers (`load_from_encoder`) and
+        train as the encoder's: the task columns."""
+        return list(self.column.parameters())
+
     def inherit(self, trained: SharingStrategy) -> None:
         """A task the trained model knows keeps its trained column (from a hard-sharing model,
         columns start from its encoder's top layers, as `load_from_encoder` did)."""
