@@ -304,6 +304,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     run = one_run(card, seed, options, folder / "run")
                     run = {"setting": setting, "seed": seed, "tasks": card.name, **run}
                     run["settings"] = settings
+                    run = rounded(run)  # as the file keeps it: a resumed summary is the same
                     log.write(run)
                 runs.append(run)
     summary = summarize(runs, {card.name: score_names(card) for card in cards})
