@@ -12,6 +12,10 @@ Layouts (the tasks in order, POS -> chunk -> NER by default):
         own task layer (--task-layer) stacked on the one below, fed with its label embeddings;
         successive regularization (--successive-reg, 0 = off) pulls shared parameters toward their
         values after the lower task's last update.
+        As in Hashimoto et al. 2017, jmt also defaults to --sampler ordered (each epoch trains
+        POS, then chunking, then NER), --clip-by-depth (clipping at --max-grad-norm x min(3,
+        depth)) and --head-learning-rate 1e-3 (task layers, label embeddings and heads; the
+        encoder keeps --learning-rate). Flags or --config values given by the user win.
 
 Recipe flags: --layout flat|low|jmt (default flat), --task-layer bilstm|transformer (jmt; default
 bilstm), --successive-reg DELTA (jmt; default 0.01). Every other flag is a common training flag
@@ -89,12 +93,22 @@ def apply_layout(
     return check_hierarchy(laid_out)
 
 
+def layout_defaults(layout: str) -> dict:
+    """The training defaults of `layout`: jmt's follow what made JMT work (Hashimoto et al.
+    2017, Sec. 4): tasks trained low to high within each epoch, clipping by depth, and new
+    layers at a higher learning rate than the pretrained encoder."""
+    defaults = {"output_dir": f"outputs/conll_{layout}", "tasks": TASKS}
+    if layout == "jmt":
+        defaults |= {"sampler": "ordered", "clip_by_depth": True, "head_learning_rate": 1e-3}
+    return defaults
+
+
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     recipe, rest = layout_parser().parse_known_args(argv)
     args = parse_args(
         rest,
-        defaults={"output_dir": f"outputs/conll_{recipe.layout}", "tasks": TASKS},
+        defaults=layout_defaults(recipe.layout),
         description=__doc__.split("\n\n")[0]
         + " Recipe flags: --layout flat|low|jmt, --task-layer bilstm|transformer, "
         "--successive-reg DELTA.",

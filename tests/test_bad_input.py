@@ -312,6 +312,27 @@ def test_bad_input_gives_its_exact_error(case, tiny_tasks, tmp_path):
     assert snapshot(tmp_path / "out") == before  # no partial output, the old one untouched
 
 
+def train_errors(flags: list[str], out: Path, capsys) -> list[str]:
+    """`mtnlp train FLAGS` in-process as a user mistake: exit 2, no traceback, the output folder
+    `out` as it was (none, or the old one untouched). Returns the `error:` lines, unprefixed."""
+    from mtnlp.cli import main
+
+    before = snapshot(out)
+    reset_accelerate()
+    try:
+        with pytest.raises(SystemExit) as exit_info:
+            main(["train", *flags])
+    finally:
+        reset_accelerate()
+    stderr = capsys.readouterr().err
+    assert exit_info.value.code == 2
+    assert "Traceback" not in stderr
+    assert snapshot(out) == before
+    return [
+        line.removeprefix("error: ") for line in stderr.splitlines() if line.startswith("error:")
+    ]
+
+
 # ------------------------------------------------------------------------------ subprocesses
 RECIPE = [sys.executable, str(REPO / "recipes" / "glue_mt.py")]
 CLI_TRAIN = [sys.executable, "-m", "mtnlp.cli", "train"]

@@ -16,18 +16,15 @@ from test_bad_input import (
     SafetyCase,
     edit_card,
     prepare,
-    snapshot,
     steps,
     tiny_model_folder,  # noqa: F401  (a fixture)
     tiny_tasks,  # noqa: F401  (a fixture)
+    train_errors,
 )
 from test_bad_input import (
     test_safety_bad_input_gives_its_exact_error as run_safety_case,
 )
 from test_bad_input_limits import task
-from tiny_runs import reset_accelerate
-
-from mtnlp.cli import main
 
 CLS, REG, TAG = "{case}/cards/cls.yaml", "{case}/cards/reg.yaml", "{case}/cards/tag.yaml"
 CLS_END = "max_length: 32\n"  # the last line of the tiny cards: fields are added after it
@@ -157,21 +154,7 @@ def test_bad_hyperparameter_exits_2_with_one_error_line(
     capsys,
 ):
     flags, expected = prepare(case, tiny_tasks, tmp_path)
-    before = snapshot(tmp_path / "out")
-    reset_accelerate()
-    try:
-        with pytest.raises(SystemExit) as exit_info:
-            main(["train", *flags])
-    finally:
-        reset_accelerate()
-    stderr = capsys.readouterr().err
-    assert exit_info.value.code == 2
-    assert [line for line in stderr.splitlines() if line.startswith("error:")] == [
-        f"error: {expected}"
-    ]
-    assert stderr.strip().splitlines()[-1] == f"error: {expected}"
-    assert "Traceback" not in stderr
-    assert snapshot(tmp_path / "out") == before
+    assert train_errors(flags, tmp_path / "out", capsys) == [expected]
 
 
 MODEL_CONFIG = "{case}/model/config.json"

@@ -10,12 +10,9 @@ from test_bad_input import (
     Case,
     edit_card,
     prepare,
-    snapshot,
     tiny_tasks,  # noqa: F401  (a fixture)
+    train_errors,
 )
-from tiny_runs import reset_accelerate
-
-from mtnlp.cli import main
 
 CLS, REG, TAG = "{case}/cards/cls.yaml", "{case}/cards/reg.yaml", "{case}/cards/tag.yaml"
 CARD_END = "max_length: 32\n"  # the last line of the tiny cards: fields are added after it
@@ -114,20 +111,7 @@ def test_bad_relationship_option_exits_2_with_one_error_line(
     capsys,
 ):
     flags, expected = prepare(case, tiny_tasks, tmp_path)
-    before = snapshot(tmp_path / "out")
-    reset_accelerate()
-    try:
-        with pytest.raises(SystemExit) as exit_info:
-            main(["train", *flags])
-    finally:
-        reset_accelerate()
-    stderr = capsys.readouterr().err
-    assert exit_info.value.code == 2
-    assert [line for line in stderr.splitlines() if line.startswith("error:")] == [
-        f"error: {expected}"
-    ]
-    assert "Traceback" not in stderr
-    assert snapshot(tmp_path / "out") == before
+    assert train_errors(flags, tmp_path / "out", capsys) == [expected]
 
 
 def test_relationships_table_is_complete():

@@ -13,18 +13,16 @@ from test_bad_input import (
     Case,
     SafetyCase,
     prepare,
-    snapshot,
     tiny_model_folder,  # noqa: F401  (a fixture)
     tiny_tasks,  # noqa: F401  (a fixture)
+    train_errors,
 )
 from test_bad_input import (
     test_safety_bad_input_gives_its_exact_error as run_safety_case,
 )
 from test_bad_input_limits import edit_json
-from tiny_runs import reset_accelerate
 from transformers import DistilBertConfig, DistilBertModel
 
-from mtnlp.cli import main
 from mtnlp.modeling.tiny import train_wordpiece
 
 INPUT_SIZE = "the smallest input size of the factorised layers (32)"
@@ -108,20 +106,7 @@ def test_bad_tensor_option_exits_2_with_one_error_line(
     if "--model" in case.flags:  # the case's own encoder in place of the tiny one
         at = flags.index("--model")
         del flags[at : at + 2]
-    before = snapshot(tmp_path / "out")
-    reset_accelerate()
-    try:
-        with pytest.raises(SystemExit) as exit_info:
-            main(["train", *flags])
-    finally:
-        reset_accelerate()
-    stderr = capsys.readouterr().err
-    assert exit_info.value.code == 2
-    assert [line for line in stderr.splitlines() if line.startswith("error:")] == [
-        f"error: {expected}"
-    ]
-    assert "Traceback" not in stderr
-    assert snapshot(tmp_path / "out") == before
+    assert train_errors(flags, tmp_path / "out", capsys) == [expected]
 
 
 def sharing(**ranks: object):

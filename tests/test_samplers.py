@@ -18,6 +18,7 @@ def expected_shares(name: str) -> list[float]:
     sizes = np.array([100, 30, 10], dtype=float)
     weights = {
         "sequential": sizes,
+        "ordered": sizes,
         "round_robin": np.ones(3),
         "proportional": sizes,
         "uniform": np.ones(3),
@@ -29,7 +30,7 @@ def expected_shares(name: str) -> list[float]:
 
 
 def test_all_samplers_are_tested():
-    assert SAMPLERS.names() == sorted(["round_robin", "sequential", *STOCHASTIC])
+    assert SAMPLERS.names() == sorted(["ordered", "round_robin", "sequential", *STOCHASTIC])
 
 
 @pytest.mark.parametrize("name", SAMPLERS.names())
@@ -123,7 +124,9 @@ def test_state_for_other_tasks_is_refused():
 
 
 def test_unknown_name_lists_known():
-    with pytest.raises(UserError, match="unknown sampler 'nope'; known: annealed, proportional"):
+    with pytest.raises(
+        UserError, match="unknown sampler 'nope'; known: annealed, ordered, proportional"
+    ):
         build_sampler("nope", SIZES)
 
 

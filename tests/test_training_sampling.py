@@ -187,7 +187,10 @@ def test_pcgrad_needs_all_tasks_through_the_recipe(synthetic, tmp_path, monkeypa
 @pytest.mark.parametrize(
     ("flags", "message"),
     [
-        (["--sampler", "nope"], "--sampler: unknown sampler 'nope'; known: annealed, proportional"),
+        (
+            ["--sampler", "nope"],
+            "--sampler: unknown sampler 'nope'; known: annealed, ordered, proportional",
+        ),
         (["--weighting", "nope"], "--weighting: unknown loss weighting 'nope'; known: dwa, pcgrad"),
         (["--temperature", "0"], "--temperature: must be positive"),
         (["--examples-cap", "0"], "--examples-cap: must be positive"),

@@ -128,6 +128,13 @@ class TrainArguments:
     max_grad_norm: NonNegativeNumber = field(
         default=1.0, metadata=_help("gradient clipping norm (0: off)")
     )
+    clip_by_depth: bool = field(
+        default=False,
+        metadata=_help(
+            "clip each step at --max-grad-norm x min(3, depth of its task's stack), Hashimoto "
+            "et al. 2017's min(3, depth) (see docs/hierarchies.md)"
+        ),
+    )
     max_train_samples: PositiveInt | None = field(
         default=None, metadata=_help("use at most this many training examples per task")
     )
@@ -147,8 +154,8 @@ class TrainArguments:
     sampler: str = field(
         default="proportional",
         metadata=_help(
-            "which task each micro-batch trains: sequential, round_robin, proportional, uniform, "
-            "temperature, annealed, specified (see docs/sampling.md)"
+            "which task each micro-batch trains: sequential, ordered, round_robin, proportional, "
+            "uniform, temperature, annealed, specified (see docs/sampling.md)"
         ),
     )
     temperature: PositiveNumber = field(
@@ -342,6 +349,8 @@ class TrainArguments:
 
     def __post_init__(self) -> None:  # after the values are checked
         self._check_sampling_and_weighting()
+        if self.clip_by_depth and self.max_grad_norm == 0:
+            raise UserError("--clip-by-depth: needs --max-grad-norm > 0 (0 turns clipping off)")
         sharing_from_args(self)  # an unknown strategy raises here, before any data loads
         from mtnlp.hub.card import check_languages, check_license
 

@@ -118,9 +118,11 @@ def build_task_sampler(
     temperature: float,
     examples_cap: int | None,
     examples_per_batch: int,
+    task_levels: dict[str, tuple[int, ...]] | None = None,
 ) -> TaskSampler:
     """The sampler `name` over `task_sizes` (batches per process); an `examples_cap` of N examples
-    is N / `examples_per_batch` (batch size x processes) batches per process."""
+    is N / `examples_per_batch` (batch size x processes) batches per process; `task_levels` rank
+    the tasks for the `ordered` sampler."""
     return build_sampler(
         name,
         task_sizes,
@@ -129,6 +131,7 @@ def build_task_sampler(
         num_epochs=num_epochs,
         temperature=temperature,
         examples_cap=math.ceil(examples_cap / examples_per_batch) if examples_cap else None,
+        task_levels=task_levels,
     )
 
 

@@ -24,6 +24,8 @@ class TaskSampler:
 
     `task_sizes` is the number of training batches per task, in task order; `examples_cap` caps
     each size where sizes set probabilities (as jiant does), so one huge task cannot swamp the rest.
+    `task_levels` ranks tasks from low to high in a hierarchy (the `ordered` sampler's order; ties
+    in task order; a task without a level ranks lowest).
     """
 
     def __init__(
@@ -35,6 +37,7 @@ class TaskSampler:
         num_epochs: int = 1,
         temperature: float = 2.0,
         examples_cap: int | None = None,
+        task_levels: dict[str, tuple[int, ...]] | None = None,
     ) -> None:
         if not task_sizes:
             raise UserError("sampler: no training tasks (task_sizes is empty)")
@@ -54,6 +57,7 @@ class TaskSampler:
         self.sampling_weights = sampling_weights
         self.num_epochs = num_epochs
         self.temperature = temperature
+        self.task_levels = dict(task_levels or {})
         self.draws = 0
         self.rng = np.random.default_rng(seed)
 
@@ -119,14 +123,40 @@ class StochasticSampler(TaskSampler):
 class SequentialSampler(TaskSampler):
     """All of the first task's batches, then all of the second's, ... in every epoch."""
 
+    def epoch_order(self) -> list[str]:
+        """The tasks in the order an epoch trains them."""
+        return self.tasks
+
     def _choose(self) -> str:
+        order = self.epoch_order()
         position = self.draws % self.epoch_length
-        ends = np.cumsum(list(self.task_sizes.values()))
-        return self.tasks[int(np.searchsorted(ends, position, side="right"))]
+        ends = np.cumsum([self.task_sizes[name] for name in order])
+        return order[int(np.searchsorted(ends, position, side="right"))]
 
     def _probabilities(self) -> np.ndarray:
         sizes = np.array(list(self.task_sizes.values()), dtype=float)
         return sizes / sizes.sum()
+
+    def tasks_past(self, draws: int) -> list[str]:
+        """The tasks that the first `draws` draws of a run never reach (a budget shorter than an
+        epoch stops before the later tasks' turns)."""
+        order = self.epoch_order()
+        starts = np.cumsum([0] + [self.task_sizes[name] for name in order[:-1]])
+        return [name for name, start in zip(order, starts, strict=True) if start >= draws]
+
+
+@SAMPLERS.register("ordered")
+class OrderedSampler(SequentialSampler):
+    """`sequential` with the tasks from low to high in the hierarchy (Hashimoto et al. 2017, "A
+    Joint Many-Task Model", Sec. 4: in each epoch every task is trained in turn, lowest first).
+
+    The order is `task_levels` (set up by training: the number of tasks a task stacks on, then the
+    encoder layer it reads), ties in task order; without levels it is `sequential`.
+    """
+
+    def epoch_order(self) -> list[str]:
+        rank = {name: index for index, name in enumerate(self.tasks)}
+        return sorted(self.tasks, key=lambda name: (self.task_levels.get(name, ()), rank[name]))
 
 
 @SAMPLERS.register("round_robin")

@@ -11,7 +11,7 @@ import logging
 import math
 import os
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +36,7 @@ from mtnlp.data.read import training_text
 from mtnlp.data.tokenize import TaskData, load_task
 from mtnlp.hub.card import encoder_metadata
 from mtnlp.modeling.heads import IGNORE_INDEX
+from mtnlp.modeling.hierarchy import stack_chain
 from mtnlp.modeling.loading import (
     check_model_folder,
     check_tokenizer_files,
@@ -77,6 +78,7 @@ from mtnlp.training.relationships import (
     TaskRelationshipPrior,
     parse_task_clusters,
 )
+from mtnlp.training.samplers import SequentialSampler
 from mtnlp.training.selection import selection_metrics
 from mtnlp.training.state import (
     EpochLosses,
@@ -388,7 +390,16 @@ def build_run(args: TrainArguments, cards: Sequence[TaskCard], accelerator: Acce
     )
     groups = find_joint_groups(args, cards, data, model)
     train_loaders, eval_loaders = make_loaders(args, cards, data, tokenizer, groups)
-    schedule, sampler = make_schedule(args, cards, train_loaders, accelerator.num_processes, groups)
+    schedule, sampler = make_schedule(
+        args,
+        cards,
+        train_loaders,
+        accelerator.num_processes,
+        groups,
+        levels=hierarchy_levels(cards, model.layer_index),
+    )
+    if accelerator.is_main_process:
+        warn_short_budget(args.sampler, sampler, schedule)
     split = head_rate_split(resume, args.head_learning_rate)
     optimizer = make_optimizer(model, weighting, args, accelerator.device, split)
     # block-sparse heads, task priors and the adversarial task discriminator (regularizers.py)
@@ -518,21 +529,54 @@ def balanced_class_weights(card: TaskCard, labels: Sequence[Any]) -> list[float]
     return [total / (len(names) * counts[index]) for index in range(len(names))]
 
 
+def hierarchy_levels(
+    cards: Sequence[TaskCard], layer_index: Callable[[str], int]
+) -> dict[str, tuple[int, int]]:
+    """Each task's place in the hierarchy, low to high: (how many tasks it stacks on, the
+    encoder layer it reads, `layer_index(task)`): the `ordered` sampler's order."""
+    depths = stack_depths(cards)
+    return {card.name: (depths[card.name] - 1, layer_index(card.name)) for card in cards}
+
+
+def stack_depths(cards: Sequence[TaskCard]) -> dict[str, int]:
+    """How many tasks each task's stack holds: itself and those it stacks on (JMT), 1 if none."""
+    specs = {card.name: {"stack_on": card.stack_on} for card in cards}
+    return {card.name: len(stack_chain(specs, card.name)) for card in cards}
+
+
+def warn_short_budget(name: str, sampler: Any, schedule: Schedule) -> None:
+    """One line when a fixed-order sampler's budget ends before some tasks' turn in epoch 1."""
+    if not isinstance(sampler, SequentialSampler):
+        return
+    draws = schedule.total_steps * schedule.accumulation_steps
+    missed = sampler.tasks_past(draws)
+    if missed:
+        logger.warning(
+            "--sampler %s: %d micro-batches are less than one epoch (%d); %s never train%s",
+            name, draws, sampler.epoch_length, ", ".join(missed), "s" if len(missed) == 1 else "",
+        )  # fmt: skip
+
+
 def make_schedule(
     args: TrainArguments,
     cards: Sequence[TaskCard],
     loaders: dict[str, Any],
     num_processes: int,
     groups: dict[str, tuple[str, ...]] | None = None,
+    levels: dict[str, tuple[int, int]] | None = None,
 ) -> tuple[Schedule, Any]:
     """The run's numbers from the loaders' lengths, and the task sampler over them: one loader
     per task, or per joint group in `groups` (name -> tasks), which the sampler draws as one
-    task whose sampling weight is the sum of its tasks'."""
+    task whose sampling weight is the sum of its tasks' and whose level (`hierarchy_levels`)
+    is its lowest task's."""
     groups = groups or {}
+    levels = dict(levels or {})
     weights = {card.name: card.sampling_weight for card in cards}
     for name, tasks in groups.items():
         members = [weights.pop(task) for task in tasks]
         weights[name] = None if None in members else sum(members)
+        if levels:
+            levels[name] = min(levels[task] for task in tasks)
     # batches per process, as accelerate shards them (even_batches: every process gets as many)
     task_sizes = {name: math.ceil(len(loader) / num_processes) for name, loader in loaders.items()}
     micro_per_epoch = epoch_length(args.batch_mode, task_sizes)
@@ -544,6 +588,7 @@ def make_schedule(
         micro_per_epoch=micro_per_epoch,
         accumulation_steps=args.gradient_accumulation_steps,
         max_grad_norm=args.max_grad_norm,
+        clip_scales=depth_clip_scales(cards) if args.clip_by_depth else {},
         max_bad_steps=args.max_bad_steps,
         all_tasks=args.batch_mode == "all_tasks",  # never asks the sampler
         groups=groups,
@@ -557,8 +602,16 @@ def make_schedule(
         temperature=args.temperature,
         examples_cap=args.examples_cap,
         examples_per_batch=args.batch_size * num_processes,
+        task_levels={name: levels[name] for name in task_sizes if name in levels},
     )
     return schedule, sampler
+
+
+def depth_clip_scales(cards: Sequence[TaskCard]) -> dict[str, float]:
+    """`--clip-by-depth`: each task's factor of `--max-grad-norm`, min(3, depth), depth being
+    the number of tasks in its stack (itself and those it stacks on): Hashimoto et al. 2017
+    clip at min(3.0, the number of BiLSTM layers a task's loss goes through)."""
+    return {name: float(min(3, depth)) for name, depth in stack_depths(cards).items()}
 
 
 def prepare_loaders(

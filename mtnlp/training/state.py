@@ -192,6 +192,8 @@ class Schedule:
     micro_per_epoch: int
     accumulation_steps: int = 1
     max_grad_norm: float = 1.0
+    # --clip-by-depth: task -> factor of max_grad_norm (min(3, stack depth)); empty: one norm
+    clip_scales: dict[str, float] = field(default_factory=dict)
     max_bad_steps: int = 10
     all_tasks: bool = False  # every task in each micro-batch (LibMTL) instead of one (MT-DNN)
     # --batch-mode joint: sampler name of a group ("pos+chunk+ner") -> its tasks, which share

@@ -15,7 +15,7 @@ import torch
 from accelerate import Accelerator
 from torch import Tensor
 
-from mtnlp.training.state import Run, joint_name
+from mtnlp.training.state import Run, Schedule, joint_name
 from mtnlp.training.weighting import LossWeighting
 from mtnlp.utils.errors import UserError
 
@@ -87,11 +87,21 @@ def optimizer_step(run: Run, tasks: list[str]) -> None:
     """Average what DDP does not, clip, step; then successive regularization snapshots the
     parameters of every task this step trained (all micro-batches, not only the last)."""
     average_gradients(run.unsynced, run.accelerator)
-    if run.schedule.max_grad_norm > 0:
-        run.accelerator.clip_grad_norm_(run.model.parameters(), run.schedule.max_grad_norm)
+    norm = clip_norm(run.schedule, tasks)
+    if norm > 0:  # accelerate unscales fp16 gradients first
+        run.accelerator.clip_grad_norm_(run.model.parameters(), norm)
     run.optimizer.step()
     for task in tasks:
         run.successive.update(task)
+
+
+def clip_norm(schedule: Schedule, tasks: list[str]) -> float:
+    """The step's gradient clipping norm (0: none): `--max-grad-norm`, times with
+    `--clip-by-depth` the largest depth factor of the tasks the step trained (one task per step
+    in JMT's schedule; with several, the deepest one's, whose loss crosses every layer)."""
+    if not schedule.clip_scales:
+        return schedule.max_grad_norm
+    return schedule.max_grad_norm * max(schedule.clip_scales[task] for task in tasks)
 
 
 def record_losses(run: Run, losses: dict[str, Tensor], step: int, micro: int) -> None:
