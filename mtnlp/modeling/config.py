@@ -22,6 +22,7 @@ from mtnlp.modeling.limits import (
     TASK_PART_SIZES,
     check_size,
 )
+from mtnlp.modeling.lora import check_lora_entry
 from mtnlp.utils.errors import UserError
 from mtnlp.utils.files import file_name_problem
 from mtnlp.utils.untrusted import clip, kind_of
@@ -40,9 +41,13 @@ class MultiTaskConfig(PreTrainedConfig):
     # parameter-sharing strategy and its options, e.g. {"name": "soft", "layers": 2} (sharing.py);
     # None: hard sharing
     sharing: dict[str, Any] | None = None
+    # the LoRA adapter on the encoder (lora.py: rank, alpha, dropout, target modules, scope);
+    # None: no adapter
+    lora: dict[str, Any] | None = None
 
     def __post_init__(self, **kwargs: Any) -> None:
         check_task_entries(self.tasks)
+        check_lora_entry(self.lora, "config.json")
         super().__post_init__(**kwargs)
 
     @property

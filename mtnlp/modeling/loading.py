@@ -32,6 +32,7 @@ from mtnlp.modeling.limits import (
     check_encoder_config,
     check_sharing_entry,
 )
+from mtnlp.modeling.lora import check_lora_entry
 from mtnlp.utils.errors import UserError
 from mtnlp.utils.files import TOKENIZER_FILES
 from mtnlp.utils.untrusted import check_regular_file, clip, kind_of, load_json_object
@@ -141,6 +142,7 @@ def read_model_config(folder: Path, mtnlp_only: bool = False) -> PreTrainedConfi
         check_encoder_config(data.get("encoder"), where, "encoder")
         check_task_entries(data.get("tasks"), where)
         check_sharing_entry(data.get("sharing"), where)
+        check_lora_entry(data.get("lora"), where)
         config_class = MultiTaskConfig
     else:
         check_encoder_config(data, where)

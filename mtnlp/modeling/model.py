@@ -45,6 +45,7 @@ from mtnlp.modeling.loading import (
     check_model_folder,
     quiet_load_report,
 )
+from mtnlp.modeling.lora import ADAPTER_FILES, adapter_files, freeze_all_but_lora, inject_lora
 from mtnlp.modeling.sharing import build_sharing, resolve_sharing
 from mtnlp.modeling.single_task import check_same_logits, probe_inputs, single_task_model
 from mtnlp.utils.errors import UserError
@@ -149,6 +150,18 @@ class MultiTaskModel(PreTrainedModel):
         # the companion files of the folder the model was loaded from (from_pretrained)
         self.companion_files: dict[str, bytes] = {}
         self.post_init()
+        if config.lora:  # after post_init, which would re-initialize the adapter's weights
+            inject_lora(self.encoder, config.lora)
+
+    def add_lora(self, entry: dict[str, Any]) -> None:
+        """Put a fresh LoRA adapter (`lora.lora_entry`) on the encoder and freeze the encoder's
+        own weights: the adapter, the heads and the task layers train. The config records the
+        adapter, so a saved model reloads with it."""
+        if self.config.lora:
+            raise ValueError("this model already has a LoRA adapter")
+        inject_lora(self.encoder, entry)
+        freeze_all_but_lora(self.encoder)
+        self.config.lora = entry
 
     # ---------------------------------------------------------------- construction
     @classmethod
@@ -191,6 +204,10 @@ class MultiTaskModel(PreTrainedModel):
         mixing units cut down to the tasks kept."""
         if not isinstance(pretrained, MultiTaskModel):
             return cls.from_encoder(pretrained, tasks, sharing)
+        if pretrained.config.lora:
+            raise UserError(
+                "a model with a LoRA adapter cannot be trained further yet (start from its encoder)"
+            )
         model = cls.from_encoder(pretrained.encoder, tasks, sharing)
         for spec in tasks:
             if spec["name"] in pretrained.config.task_names:
@@ -254,8 +271,9 @@ class MultiTaskModel(PreTrainedModel):
         self, save_directory: str | os.PathLike, is_main_process: bool = True, *args, **kwargs
     ) -> None:
         """transformers' save (config.json, model.safetensors), plus what else a model folder
-        needs: `label_maps.json` (each labelled task's `id2label`/`label2id`, from the config)
-        and the model's `companion_files`. With `push_to_hub=True` these are uploaded as well
+        needs: `label_maps.json` (each labelled task's `id2label`/`label2id`, from the config),
+        the model's `companion_files` and, with a LoRA adapter, the adapter alone in peft's format
+        (`adapter/`; a stale one is removed). With `push_to_hub=True` these are uploaded as well
         (see `_upload_modified_files`). Everything is written into a fresh staging folder inside
         `save_directory`, then moved in (`atomic_folder`): a link found at one of the names is
         replaced, never written through, and no file is ever half-written."""
@@ -274,6 +292,9 @@ class MultiTaskModel(PreTrainedModel):
             for stale in folder.iterdir():  # as transformers cleans a folder it saves into
                 if _WEIGHT_SHARD.fullmatch(stale.name) and not (staging / stale.name).exists():
                     stale.unlink()
+            for name in ADAPTER_FILES:  # an earlier model's adapter is not this one's
+                if not (staging / name).exists() and (folder / name).is_file():
+                    (folder / name).unlink()
 
     def _check_companion_names(self) -> None:
         """Every `companion_files` name is a companion file's (never a path out of the folder)."""
@@ -285,12 +306,15 @@ class MultiTaskModel(PreTrainedModel):
             )
 
     def _write_folder_files(self, folder: Path) -> list[str]:
-        """Write `label_maps.json` and the companion files into `folder`; return their names."""
+        """Write `label_maps.json`, the companion files and, with a LoRA adapter, the adapter in
+        peft's format (`adapter/`) into `folder`; return their names."""
         self._check_companion_names()
         files = {
             LABEL_MAPS: (json.dumps(self.config.label_maps(), indent=2) + "\n").encode("utf-8"),
             **self.companion_files,
         }
+        if self.config.lora:  # the adapter alone, for peft's own loader
+            files.update(adapter_files(self.encoder, self.config.lora))
         for name, content in files.items():  # a link at a name is replaced, never followed
             if "/" in name:  # cards/, plots/
                 make_folder((folder / name).parent)

@@ -57,6 +57,12 @@ def single_task_model(model: MultiTaskModel, task: str) -> PreTrainedModel:
             f"task {task!r}: not a task of this model (tasks: {', '.join(model.config.task_names)})"
         )
     spec, head = model.config.task(task), model.heads[task]
+    if model.config.lora:
+        raise NoPlainModel(
+            task,
+            "its encoder carries a LoRA adapter (--peft lora), which a plain transformers model "
+            "lacks",
+        )
     if task in model.task_layers:
         raise NoPlainModel(
             task,

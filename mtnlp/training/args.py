@@ -184,6 +184,31 @@ class TrainArguments:
             "inputs share each batch and one encoder pass (docs/sampling.md)"
         ),
     )
+    peft: Literal["lora"] | None = field(
+        default=None,
+        metadata=_help(
+            "parameter-efficient training: lora freezes the encoder and trains a LoRA adapter on "
+            "it with the heads (needs pip install 'mtnlp[peft]'; see docs/peft.md)"
+        ),
+    )
+    lora_r: PositiveInt = field(default=8, metadata=_help("--peft lora: the adapter's rank"))
+    lora_alpha: PositiveInt = field(
+        default=16, metadata=_help("--peft lora: scaling numerator (the update is alpha/r x BA)")
+    )
+    lora_dropout: Share = field(
+        default=0.1, metadata=_help("--peft lora: dropout on the adapter's input")
+    )
+    lora_target_modules: str | None = field(
+        default=None,
+        metadata=_help(
+            "--peft lora: comma-separated encoder modules to adapt (default: peft's for the "
+            "encoder type, e.g. query,value for BERT)"
+        ),
+    )
+    peft_scope: Literal["shared", "per_task"] = field(
+        default="shared",
+        metadata=_help("--peft lora: shared (one adapter for all tasks; per_task: not yet)"),
+    )
     sharing: str = field(
         default="hard",
         metadata=_help(
@@ -352,6 +377,7 @@ class TrainArguments:
         if self.clip_by_depth and self.max_grad_norm == 0:
             raise UserError("--clip-by-depth: needs --max-grad-norm > 0 (0 turns clipping off)")
         sharing_from_args(self)  # an unknown strategy raises here, before any data loads
+        self._check_peft()
         from mtnlp.hub.card import check_languages, check_license
 
         check_license(self.license, "--license")  # the card's metadata fails now, not at the end
@@ -371,6 +397,28 @@ class TrainArguments:
             if getattr(self, name) not in registry:
                 raise UserError(f"{flag(name)}: {registry.unknown_message(getattr(self, name))}")
         check_batch_mode(WEIGHTINGS.get(self.weighting), self.batch_mode)
+
+    def _check_peft(self) -> None:
+        """`--peft` before any data loads: peft installed, a supported scope, hard sharing, no
+        fine-tuning stage."""
+        if self.peft is None:
+            return
+        from mtnlp.modeling.lora import import_peft
+
+        if self.peft_scope == "per_task":
+            raise UserError("--peft-scope per_task: not yet supported (use shared)")
+        if self.sharing != "hard":
+            raise UserError(f"--peft {self.peft}: needs --sharing hard, got {self.sharing}")
+        if self.finetune_each:
+            raise UserError(f"--peft {self.peft}: --finetune-each is not supported with it yet")
+        import_peft()
+
+    @property
+    def lora_modules(self) -> list[str] | None:
+        """`--lora-target-modules` as a list (None: peft's defaults for the encoder)."""
+        if self.lora_target_modules is None:
+            return None
+        return [name.strip() for name in self.lora_target_modules.split(",") if name.strip()]
 
     @property
     def sharing_config(self) -> dict | None:

@@ -42,6 +42,7 @@ from mtnlp.modeling.loading import (
     check_tokenizer_files,
     check_tokenizer_fits,
 )
+from mtnlp.modeling.lora import default_target_modules, lora_entry
 from mtnlp.modeling.model import MultiTaskModel
 from mtnlp.modeling.sharing import SharingMismatch, SharingStrategy
 from mtnlp.training.affinity import probe_batches
@@ -369,6 +370,8 @@ def build_run(args: TrainArguments, cards: Sequence[TaskCard], accelerator: Acce
     # checkpoints') specs: a saved model computes the loss it was trained with
     model = build_model(encoder, with_balanced_weights(specs, cards, data), args.sharing_config)
     del encoder
+    if args.peft:
+        add_lora(model, args)
     weighting = build_weighting(
         args.weighting,
         [card.name for card in cards],
@@ -683,6 +686,29 @@ def build_model(
         raise sharing_mismatch_error(error) from None
     except UserError as error:
         raise UserError(f"--model: {error}") from None
+
+
+def add_lora(model: MultiTaskModel, args: TrainArguments) -> None:
+    """`--peft lora`: a LoRA adapter on the frozen encoder (`MultiTaskModel.add_lora`); logs how
+    many parameters train."""
+    modules = args.lora_modules or default_target_modules(model.config.encoder.model_type)
+    where = f"--peft {args.peft}"
+    entry = lora_entry(
+        args.lora_r, args.lora_alpha, args.lora_dropout, modules, args.peft_scope, where
+    )
+    try:
+        model.add_lora(entry)
+    except UserError as error:  # a target module that the encoder lacks
+        raise UserError(f"{where}: {error}") from None
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    logger.info(
+        "--peft %s: %d of %d parameters train (%.2f%%)",
+        args.peft,
+        trainable,
+        total,
+        100 * trainable / total,
+    )
 
 
 def make_loaders(
