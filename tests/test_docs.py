@@ -410,7 +410,7 @@ def test_readme_commands_are_what_ci_runs():
         return found
 
     setup = fenced_blocks(readme, "bash")[0].splitlines()
-    assert installs(setup) == installs(ci) == [["torch==2.13.0"], ["-e", ".[dev,onnx,docs]"]]
+    assert installs(setup) == installs(ci) == [["torch==2.13.0"], ["-e", ".[dev,onnx,docs,peft]"]]
 
 
 # ------------------------------------------------------------------------------ generated pages
