@@ -889,6 +889,12 @@ def test_the_safety_table_is_complete():
 def test_safety_bad_input_gives_its_exact_error(
     case, tiny_tasks, tiny_model_folder, tmp_path, monkeypatch, capsys
 ):
+    run_safety_case(case, tiny_tasks, tiny_model_folder, tmp_path, monkeypatch, capsys)
+
+
+def run_safety_case(case, tiny_tasks, tiny_model_folder, tmp_path, monkeypatch, capsys) -> None:
+    """`mtnlp COMMAND` on a copy of the tiny cards, data and model that `case.setup` damaged:
+    exit 2, the case's exact last `error:` line, no traceback, no metric script run."""
     import datasets
     from huggingface_hub import constants
 

@@ -16,13 +16,11 @@ from test_bad_input import (
     SafetyCase,
     edit_card,
     prepare,
+    run_safety_case,
     steps,
     tiny_model_folder,  # noqa: F401  (a fixture)
     tiny_tasks,  # noqa: F401  (a fixture)
     train_errors,
-)
-from test_bad_input import (
-    test_safety_bad_input_gives_its_exact_error as run_safety_case,
 )
 from test_bad_input_limits import task
 

@@ -21,12 +21,10 @@ from test_bad_input import (
     PUSH,
     TRAIN,
     SafetyCase,
+    run_safety_case,
     tiny_model_folder,  # noqa: F401  (a fixture)
     tiny_tasks,  # noqa: F401  (a fixture)
     write,
-)
-from test_bad_input import (
-    test_safety_bad_input_gives_its_exact_error as run_safety_case,
 )
 
 CONFIG = "{case}/model/config.json"

@@ -13,12 +13,10 @@ from test_bad_input import (
     Case,
     SafetyCase,
     prepare,
+    run_safety_case,
     tiny_model_folder,  # noqa: F401  (a fixture)
     tiny_tasks,  # noqa: F401  (a fixture)
     train_errors,
-)
-from test_bad_input import (
-    test_safety_bad_input_gives_its_exact_error as run_safety_case,
 )
 from test_bad_input_limits import edit_json
 from transformers import DistilBertConfig, DistilBertModel
